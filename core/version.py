@@ -1,0 +1,3 @@
+"""The kiln version, recorded in every manifest."""
+
+__version__ = "0.1.0"

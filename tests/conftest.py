@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny random model directory and the built-in model converted once."""
+
+import os
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model
+
+# Tests never reach a hub; a library that tries should fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (GQA, untied embeddings) in fp32 with a tokenizer."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def builtin_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in SmolLM2-135M-Instruct converted once for the whole session."""
+    from kiln.convert.stage import ConvertSpec, convert
+
+    out = tmp_path_factory.mktemp("builtin") / "smollm2-135m"
+    convert(ConvertSpec(source="builtin:smollm2-135m", output=out))
+    return out

@@ -1,0 +1,62 @@
+"""Tiny random Hugging Face models written by transformers, for tests (imported as `tiny_models`)."""
+
+from pathlib import Path
+
+import torch
+
+TINY_SIZES = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+_TOKENIZER_TEXT = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Kiln converts checkpoints, builds engines and serves them over HTTP.",
+    "A quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.",
+]
+
+
+def make_tiny_tokenizer(vocab_size: int):
+    """A small byte-level BPE tokenizer trained on a few sentences, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TOKENIZER_TEXT, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    wrapped.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    return wrapped
+
+
+def save_tiny_model(
+    out_dir: Path,
+    architecture: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    with_tokenizer: bool = True,
+    seed: int = 0,
+    **overrides: object,
+) -> Path:
+    """Write a tiny random model of a family (llama, mistral, qwen2) with save_pretrained."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(architecture, **{**TINY_SIZES, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    if with_tokenizer:
+        make_tiny_tokenizer(config.vocab_size).save_pretrained(out_dir)
+    return out_dir
