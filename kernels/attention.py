@@ -1,0 +1,164 @@
+"""Attention over a flat batch of sequences: the step metadata and the PyTorch reference (the oracle).
+
+The reference works on any device and favours clarity: it loops over sequences on the host (using the
+host-side copies in the metadata, so it needs no device sync for them) and computes in fp32. Triton
+paged-attention kernels are tested against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """One forward step's flat batch, shared by all layers."""
+
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32: query-token offsets of each sequence
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step (cached + new tokens)
+    slot_mapping: torch.Tensor | None  # [num_tokens] int64: KV slot of each new token; None = no cache
+    block_tables: torch.Tensor | None  # [num_seqs, max_blocks_per_seq] int32
+    # Host copies of cu_seqlens_q / seq_lens, so the reference path never reads device tensors back.
+    cu_seqlens_q_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        """Number of sequences in the batch."""
+        return len(self.seq_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of new (query) tokens in the batch."""
+        return self.cu_seqlens_q_host[-1]
+
+    @classmethod
+    def for_prefill(cls, seq_lens: list[int], device: torch.device | str) -> AttentionMetadata:
+        """Metadata without KV cache: each sequence attends causally to its own new tokens."""
+        return cls.build(query_lens=seq_lens, seq_lens=seq_lens, device=device)
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        device: torch.device | str,
+        slot_mapping: list[int] | None = None,
+        block_tables: list[list[int]] | None = None,
+    ) -> AttentionMetadata:
+        """Metadata from host lists; ragged block tables are padded with block 0 (never read)."""
+        if len(query_lens) != len(seq_lens):
+            raise ValueError(f"{len(query_lens)} query lengths for {len(seq_lens)} sequences")
+        if any(q > s for q, s in zip(query_lens, seq_lens)):
+            raise ValueError(f"a query length exceeds its context length: {query_lens} vs {seq_lens}")
+        cu_seqlens = [0]
+        for n in query_lens:
+            cu_seqlens.append(cu_seqlens[-1] + n)
+        slots = None
+        if slot_mapping is not None:
+            if len(slot_mapping) != cu_seqlens[-1]:
+                raise ValueError(f"{len(slot_mapping)} slots for {cu_seqlens[-1]} new tokens")
+            slots = torch.tensor(slot_mapping, dtype=torch.int64, device=device)
+        tables = None
+        if block_tables is not None:
+            width = max((len(row) for row in block_tables), default=0)
+            padded = [row + [0] * (width - len(row)) for row in block_tables]
+            tables = torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width)
+        return cls(
+            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            slot_mapping=slots,
+            block_tables=tables,
+            cu_seqlens_q_host=cu_seqlens,
+            seq_lens_host=list(seq_lens),
+        )
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new keys/values into the paged caches at `slot_mapping`; slots < 0 (padding) are skipped."""
+    # k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, num_kv_heads, head_dim]
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    # Boolean masking syncs with the device; acceptable for the reference path, not for kernels.
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    flat_k[slots] = k[valid].to(k_cache.dtype)
+    flat_v[slots] = v[valid].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """The first `context_len` cached entries of one sequence: [context_len, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-context_len // block_size)
+    blocks = cache[block_table[:num_blocks].long()]  # [num_blocks, block_size, num_kv_heads, head_dim]
+    return blocks.flatten(0, 1)[:context_len]
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    metadata: AttentionMetadata,
+    *,
+    scale: float,
+    sliding_window: int | None,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) GQA attention of each sequence's new tokens over its context.
+
+    q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
+    caches: [num_blocks, block_size, num_kv_heads, head_dim] or None. Returns q's shape.
+    """
+    use_cache = k_cache is not None and v_cache is not None
+    if use_cache:
+        if metadata.slot_mapping is None or metadata.block_tables is None:
+            raise ValueError("attention with a KV cache needs slot_mapping and block_tables")
+        store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
+    out = torch.empty_like(q)
+    cu = metadata.cu_seqlens_q_host
+    for i, context_len in enumerate(metadata.seq_lens_host):
+        start, end = cu[i], cu[i + 1]
+        if end == start:
+            continue
+        if use_cache:
+            keys = gather_kv(k_cache, metadata.block_tables[i], context_len)
+            values = gather_kv(v_cache, metadata.block_tables[i], context_len)
+        else:
+            keys, values = k[start:end], v[start:end]
+        out[start:end] = _attend(q[start:end], keys, values, scale, sliding_window)
+    return out
+
+
+def _attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One sequence: its last n queries attend over its L context keys, in fp32."""
+    # q: [n, num_heads, head_dim]; keys, values: [L, num_kv_heads, head_dim]
+    num_new, num_heads, _ = q.shape
+    context_len, num_kv_heads, _ = keys.shape
+    group = num_heads // num_kv_heads
+    # Query head h reads kv head h // group (the grouping used by Llama-style GQA checkpoints).
+    keys = keys.float().repeat_interleave(group, dim=1)  # [L, num_heads, head_dim]
+    values = values.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), keys) * scale  # [num_heads, n, L]
+    q_pos = torch.arange(context_len - num_new, context_len, device=q.device)[:, None]  # [n, 1]
+    k_pos = torch.arange(context_len, device=q.device)[None, :]  # [1, L]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)

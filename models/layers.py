@@ -1,0 +1,75 @@
+"""Shared layers of decoder-only models: RMSNorm with fused residual add, SiLU-and-mul, Attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.attention import AttentionMetadata, reference_attention
+from kiln.models.linear import LoadableModule
+
+
+class RMSNorm(LoadableModule):
+    """RMSNorm that can first add the residual: norm(x, residual) -> (normed, x + residual)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.create_param("weight", hidden_size)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [num_tokens, hidden]. Returns the normed sum and the sum (the new residual)."""
+        if residual is not None:
+            x = x + residual
+        # Normalise in fp32 and scale in the activations' dtype, like the Llama reference.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype), x
+
+
+class SiluAndMul(torch.nn.Module):
+    """silu(gate) * up for the fused [gate | up] projection output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, 2 * d] -> [num_tokens, d]."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class Attention(torch.nn.Module):
+    """Attention of projected q/k/v over the flat batch, through the KV cache when one is set.
+
+    The runtime assigns `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim])
+    per layer after allocating KV memory; until then (None) each sequence attends to its own new tokens.
+    """
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [num_tokens, num_heads * head_dim], k/v [num_tokens, num_kv_heads * head_dim] -> like q."""
+        num_tokens = q.shape[0]
+        out = reference_attention(
+            q.reshape(num_tokens, self.num_heads, self.head_dim),
+            k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+            v.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+            attn_metadata,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            k_cache=self.k_cache,
+            v_cache=self.v_cache,
+        )
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

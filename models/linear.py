@@ -1,0 +1,151 @@
+"""Linear and embedding layers whose parameters know how to load themselves from checkpoint tensors.
+
+Every parameter carries `param.weight_loader(param, loaded, shard_id=None)`. Plain parameters are
+replaced by the loaded tensor (assign-style: no second copy). Fused parameters (qkv, gate_up) are
+allocated once, on the first shard's device and dtype, and filled shard by shard; they list the
+shard ids they expect in `param.shard_ids` so the loader can check coverage.
+
+Layers are named for the tensor-parallel split they will get (column: output split; row: input
+split) and record `output_partition_sizes`; today the world size is always 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.core.errors import WeightMappingError
+
+
+class LoadableModule(nn.Module):
+    """A module whose parameters are created empty (meta-friendly) and filled by `weight_loader`."""
+
+    def create_param(self, name: str, *shape: int, shard_ids: tuple[Hashable, ...] | None = None) -> None:
+        """Register an uninitialised parameter (on the ambient device, e.g. meta) with its loader."""
+        param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+        self._attach(name, param, shard_ids)
+
+    def _attach(self, name: str, param: nn.Parameter, shard_ids: tuple[Hashable, ...] | None) -> None:
+        param.weight_loader = self.weight_loader
+        if shard_ids is not None:
+            param.shard_ids = shard_ids
+        setattr(self, name, param)
+
+    def _param_name(self, param: nn.Parameter) -> str:
+        for name, own in self._parameters.items():
+            if own is param:
+                return name
+        raise WeightMappingError(f"parameter {tuple(param.shape)} is not owned by {type(self).__name__}")
+
+    def shard_range(self, name: str, shard_id: Hashable) -> tuple[int, int]:
+        """(offset, size) of one shard along dim 0 of a fused parameter."""
+        raise WeightMappingError(f"{type(self).__name__}.{name} is not fused (shard {shard_id!r})")
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None) -> None:
+        """Load a full tensor (shard_id None) or one shard of a fused parameter."""
+        name = self._param_name(param)
+        shard_ids = getattr(param, "shard_ids", None)
+        if shard_id is None:
+            if shard_ids is not None:
+                raise WeightMappingError(f"fused parameter {name} needs a shard id, one of {shard_ids}")
+            check_shape(loaded.shape, param.shape)
+            self._attach(name, nn.Parameter(loaded, requires_grad=False), None)
+            return
+        if shard_ids is None or shard_id not in shard_ids:
+            raise WeightMappingError(f"parameter {name} has no shard {shard_id!r}")
+        offset, size = self.shard_range(name, shard_id)
+        check_shape(loaded.shape, (size, *param.shape[1:]))
+        if param.is_meta or param.device != loaded.device or param.dtype != loaded.dtype:
+            # First shard: allocate the fused tensor once, where and as the shards arrive.
+            fused = torch.empty(param.shape, dtype=loaded.dtype, device=loaded.device)
+            self._attach(name, nn.Parameter(fused, requires_grad=False), shard_ids)
+            param = getattr(self, name)
+        param.data[offset : offset + size].copy_(loaded)
+
+
+def check_shape(got: torch.Size, expected: tuple[int, ...] | torch.Size) -> None:
+    """Raise WeightMappingError unless a loaded tensor's shape is the expected one."""
+    if tuple(got) != tuple(expected):
+        raise WeightMappingError(f"shape {tuple(got)} does not match expected {tuple(expected)}")
+
+
+class LinearBase(LoadableModule):
+    """y = x W^T (+ b) with W [sum(output_partition_sizes), input_size]."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_partition_sizes: list[int],
+        bias: bool,
+        shard_ids: tuple[Hashable, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_partition_sizes = list(output_partition_sizes)
+        self.output_size = sum(output_partition_sizes)
+        self.create_param("weight", self.output_size, input_size, shard_ids=shard_ids)
+        if bias:
+            self.create_param("bias", self.output_size, shard_ids=shard_ids)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, input_size] -> [num_tokens, output_size]."""
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Linear layer split along its output dimension under tensor parallelism (lm_head, ...)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, [output_size], bias)
+
+
+class RowParallelLinear(LinearBase):
+    """Linear layer split along its input dimension under tensor parallelism (o_proj, down_proj)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, [output_size], bias)
+
+
+class MergedColumnParallelLinear(LinearBase):
+    """Several column-parallel projections of one input fused into one GEMM; shards are 0, 1, ..."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(input_size, output_sizes, bias, shard_ids=tuple(range(len(output_sizes))))
+
+    def shard_range(self, name: str, shard_id: Hashable) -> tuple[int, int]:
+        """(offset, size) of output block `shard_id`."""
+        offset = sum(self.output_partition_sizes[:shard_id])
+        return offset, self.output_partition_sizes[shard_id]
+
+
+class QKVParallelLinear(LinearBase):
+    """q, k and v projections fused into one GEMM; shards are "q", "k", "v"."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        super().__init__(hidden_size, sizes, bias, shard_ids=("q", "k", "v"))
+
+    def shard_range(self, name: str, shard_id: Hashable) -> tuple[int, int]:
+        """(offset, size) of the q, k or v block."""
+        offsets = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}
+        return offsets[shard_id], self.q_size if shard_id == "q" else self.kv_size
+
+
+class VocabEmbedding(LoadableModule):
+    """Token embedding table [vocab_size, hidden_size] (split along the vocabulary under TP)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.create_param("weight", vocab_size, hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, hidden_size]."""
+        return F.embedding(input_ids, self.weight)

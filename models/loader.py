@@ -1,0 +1,162 @@
+"""Generic weight loader: build a model on the meta device and stream safetensors into it.
+
+The loader knows nothing about any family: the model declares `packed_modules_mapping` (HF module
+name -> fused module name and shard id) and every parameter carries its own `weight_loader`.
+Coverage is checked both ways: every source tensor used, every parameter (and shard) filled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Hashable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kiln.core.dtypes import torch_dtype
+from kiln.core.errors import WeightMappingError
+from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
+from kiln.models.config import ModelConfig
+from kiln.models.linear import check_shape
+from kiln.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+# Buffers some older checkpoints saved although they are computed, never loaded.
+_COMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
+_MAX_NAMES_IN_ERROR = 10
+
+
+def load_model(
+    checkpoint_dir: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelConfig]:
+    """Build the checkpoint's model on the meta device and load its safetensors weights onto `device`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    hf_config = read_config_json(checkpoint_dir)
+    archs = hf_config.get("architectures") if isinstance(hf_config, dict) else None
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        get_model_class(archs[0])  # an unsupported architecture is reported before its fields
+    config = ModelConfig.from_hf_config(hf_config)
+    model_class = get_model_class(config.architecture)
+    if dtype is None:
+        dtype = torch_dtype(config.torch_dtype) if config.torch_dtype else torch.float32
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = model_class(config)
+    load_weights(model, iter_safetensors(find_weight_files(checkpoint_dir)), dtype, device)
+    _move_buffers(model, device)
+    logger.info("loaded %s (%s) from %s onto %s", config.architecture, dtype, checkpoint_dir, device)
+    return model.eval(), config
+
+
+def load_weights(
+    model: nn.Module,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+) -> None:
+    """Load HF-named tensors into `model`, raising WeightMappingError unless they match one-to-one."""
+    device = torch.device(device)
+    packed = getattr(model, "packed_modules_mapping", {})
+    skip = set()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        skip.add("lm_head.weight")  # the tied lm_head reuses the embedding table
+    # Expected shards per parameter: the fused ones list theirs, the others take one whole tensor.
+    expected = {name: set(getattr(param, "shard_ids", (None,))) for name, param in model.named_parameters()}
+    filled: dict[str, set[Hashable]] = defaultdict(set)
+    unused: list[str] = []
+    problems: list[str] = []
+    for source_name, tensor in named_tensors:
+        if source_name in skip or source_name.endswith(_COMPUTED_SUFFIXES):
+            continue
+        target, shard_id = _target_of(source_name, packed)
+        if target not in expected:
+            unused.append(source_name)
+            continue
+        if shard_id in filled[target]:
+            problems.append(f"{source_name}: loaded twice")
+            continue
+        converted = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype else None)
+        # safetensors hands out views of the memory-mapped file: own the data, so that rewriting
+        # the checkpoint later cannot change (or fault) a live model.
+        tensor = converted.clone() if converted is tensor else converted
+        param = model.get_parameter(target)  # looked up anew: loading replaces parameters
+        weight_loader = getattr(param, "weight_loader", None) or _assigning_loader(model, target)
+        try:
+            weight_loader(param, tensor, shard_id)
+        except WeightMappingError as exc:
+            problems.append(f"{source_name}: {exc}")
+        filled[target].add(shard_id)  # seen (a bad one is reported once, as bad, not also as missing)
+    missing = [
+        _source_name(name, shard_id, packed)
+        for name, shard_ids in expected.items()
+        for shard_id in sorted(shard_ids - filled[name], key=str)
+    ]
+    _raise_if_mismatched(unused, missing, problems)
+
+
+def _assigning_loader(model: nn.Module, target: str):
+    """A weight_loader for a parameter that declares none: replace it by the loaded tensor."""
+    module_name, _, attr = target.rpartition(".")
+    module = model.get_submodule(module_name)
+
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None) -> None:
+        if shard_id is not None:
+            raise WeightMappingError(f"{target} is not a fused parameter")
+        check_shape(loaded.shape, param.shape)
+        setattr(module, attr, nn.Parameter(loaded, requires_grad=False))
+
+    return load
+
+
+def _target_of(source_name: str, packed: dict[str, tuple[str, Hashable]]) -> tuple[str, Hashable | None]:
+    """Our parameter name and shard id for an HF tensor name (q_proj -> qkv_proj, "q")."""
+    parts = source_name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            fused, shard_id = packed[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard_id
+    return source_name, None
+
+
+def _source_name(target: str, shard_id: Hashable | None, packed: dict[str, tuple[str, Hashable]]) -> str:
+    """The HF tensor name that fills one shard of our parameter (inverse of `_target_of`)."""
+    if shard_id is None:
+        return target
+    for source_part, (fused, sid) in packed.items():
+        if sid == shard_id and f".{fused}." in f".{target}.":
+            return f".{target}.".replace(f".{fused}.", f".{source_part}.").strip(".")
+    return f"{target}[{shard_id!r}]"
+
+
+def _raise_if_mismatched(unused: list[str], missing: list[str], problems: list[str]) -> None:
+    if not (unused or missing or problems):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing tensors: {_names(missing)}")
+    if unused:
+        parts.append(f"unknown tensors (no parameter takes them): {_names(unused)}")
+    if problems:
+        parts.append(f"bad tensors: {_names(problems)}")
+    raise WeightMappingError(
+        "checkpoint does not match the model; "
+        + "; ".join(parts)
+        + ". Check that config.json belongs to these weights."
+    )
+
+
+def _names(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_NAMES_IN_ERROR])
+    more = len(items) - _MAX_NAMES_IN_ERROR
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Move computed (non-loaded) buffers, such as rotary tables, onto the model's device."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                module._buffers[name] = buf.to(device)
