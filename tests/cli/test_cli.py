@@ -1,0 +1,131 @@
+"""The `kiln` command as a user meets it: console script, inspect tables, run, errors without tracebacks."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.cli.main import main
+from kiln.convert.stage import ConvertSpec, convert
+
+KILN = [sys.executable, "-m", "kiln.cli.main"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    convert(ConvertSpec(source=str(tiny_llama_dir), output=out, dtype="bf16"))
+    return out
+
+
+def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, " ".join(captured.err.split())
+
+
+def test_console_script_convert_json(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    # A real process, as CI pipelines call it: JSON alone on stdout, exit code 0.
+    result = subprocess.run(
+        [*KILN, "convert", str(tiny_llama_dir), "-o", str(tmp_path / "out"), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["output"] == str(tmp_path / "out")
+    assert report["manifest"]["kind"] == "checkpoint" and report["manifest_digest"].startswith("sha256:")
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run([*KILN, "inspect", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "not a kiln artifact" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_inspect_table(tiny_checkpoint: Path, capsys) -> None:
+    code, out, _ = invoke(capsys, "inspect", str(tiny_checkpoint), "--verify")
+    assert code == 0
+    for text in ("checkpoint artifact", "LlamaForCausalLM", "model.safetensors", "sha256 checked", "ok"):
+        assert text in out
+
+
+def test_inspect_json_and_tamper_detection(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    damaged = Path(shutil.copytree(tiny_checkpoint, tmp_path / "damaged"))
+    code, out, _ = invoke(capsys, "inspect", str(damaged), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["ok"] and report["manifest"]["model"]["dtype"] == "bf16"
+
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    code, _, _ = invoke(capsys, "inspect", str(damaged))
+    assert code == 0  # sizes match; only --verify reads content
+    code, out, err = invoke(capsys, "inspect", str(damaged), "--verify")
+    assert code == 2 and "model.safetensors does not match its sha256" in err
+    assert "MODIFIED" in out  # the files table marks the row too
+    code, out, _ = invoke(capsys, "inspect", str(damaged), "--verify", "--json")
+    report = json.loads(out)
+    assert (
+        code == 2
+        and not report["ok"]
+        and report["problems"] == ["model.safetensors does not match its sha256 (modified after it was written)"]
+    )
+
+    (damaged / "tokenizer.json").unlink()
+    code, _, err = invoke(capsys, "inspect", str(damaged))
+    assert code == 2 and "tokenizer.json is missing" in err
+
+
+def test_run_json(tiny_checkpoint: Path, capsys) -> None:
+    code, out, _ = invoke(
+        capsys,
+        "run",
+        str(tiny_checkpoint),
+        "-p",
+        "The capital",
+        "-p",
+        "A quick",
+        "--max-tokens",
+        "5",
+        "--json",
+        "--no-chat",
+    )
+    assert code == 0
+    results = json.loads(out)["results"]
+    assert [r["prompt"] for r in results] == ["The capital", "A quick"]
+    assert all(1 <= len(r["token_ids"]) <= 5 and r["finish_reason"] in ("stop", "length") for r in results)
+
+
+def test_run_greedy_is_deterministic_and_seeded_sampling_reproducible(tiny_checkpoint: Path, capsys) -> None:
+    def tokens(*flags: str) -> list[int]:
+        code, out, _ = invoke(
+            capsys, "run", str(tiny_checkpoint), "-p", "The capital", "--max-tokens", "8", "--json", *flags
+        )
+        assert code == 0
+        return json.loads(out)["results"][0]["token_ids"]
+
+    assert tokens() == tokens()
+    assert tokens("--temperature", "1.0", "--seed", "7") == tokens("--temperature", "1.0", "--seed", "7")
+
+
+def test_run_refuses_bad_input(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = invoke(capsys, "run", str(tmp_path / "missing"), "-p", "x")
+    assert code == 2 and "is not a directory" in err
+    code, _, err = invoke(capsys, "run", str(tiny_checkpoint), "-p", "x", "--max-tokens", "0")
+    assert code == 2 and "max_tokens must be at least 1" in err
+    code, _, err = invoke(capsys, "run", str(tiny_checkpoint), "-p", "x", "--max-tokens", "1000")
+    assert code == 2 and "exceeds the model's context of 256 tokens" in err
+
+
+def test_run_on_the_builtin_checkpoint_answers_paris(builtin_checkpoint: Path, capsys) -> None:
+    code, out, _ = invoke(
+        capsys, "run", str(builtin_checkpoint), "-p", "What is the capital of France?", "--max-tokens", "24", "--json"
+    )
+    assert code == 0
+    assert "Paris" in json.loads(out)["results"][0]["text"]
