@@ -129,3 +129,39 @@ def test_run_on_the_builtin_checkpoint_answers_paris(builtin_checkpoint: Path, c
     )
     assert code == 0
     assert "Paris" in json.loads(out)["results"][0]["text"]
+
+
+def test_convert_options_from_a_config_file(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "convert.yaml"
+    config.write_text("dtype: fp16\nname: from-file\nmax-shard-size: 100KB\n")
+    code, out, _ = invoke(
+        capsys, "convert", str(tiny_llama_dir), "-o", str(tmp_path / "a"), "--config", str(config), "--json"
+    )
+    spec = json.loads(out)["manifest"]["spec"]
+    assert code == 0 and spec["dtype"] == "fp16" and spec["name"] == "from-file" and spec["max_shard_bytes"] == 100_000
+    code, out, _ = invoke(
+        capsys,
+        "convert",
+        str(tiny_llama_dir),
+        "-o",
+        str(tmp_path / "b"),
+        "--config",
+        str(config),
+        "--dtype",
+        "fp32",
+        "--json",
+    )
+    assert code == 0 and json.loads(out)["manifest"]["spec"]["dtype"] == "fp32"  # the flag wins over the file
+    config.write_text("dtype: fp16\ncolour: blue\n")
+    code, _, err = invoke(capsys, "convert", str(tiny_llama_dir), "-o", str(tmp_path / "c"), "--config", str(config))
+    assert code == 2 and "unknown option(s) colour" in err and not (tmp_path / "c").exists()
+
+
+def test_run_builtin_uses_the_cached_checkpoint(builtin_checkpoint: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    cached = tmp_path / "checkpoints" / "smollm2-135m"
+    shutil.copytree(builtin_checkpoint, cached)
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    code, out, _ = invoke(capsys, "run", "builtin:smollm2-135m", "-p", "What is the capital of France?", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["model"] == str(cached) and "Paris" in report["results"][0]["text"]
