@@ -14,6 +14,7 @@ from kiln.core.dtypes import canonical_dtype_name, hf_dtype_string, torch_dtype
 from kiln.core.errors import UnsupportedArchitectureError
 from kiln.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
 from kiln.models.config import ModelConfig
+from kiln.models.loader import check_tensor_coverage
 from kiln.models.registry import SUPPORTED_ARCHITECTURES
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ def convert(spec: ConvertSpec) -> Artifact:
     logger.info("converting %s (%s) to %s in %s", spec.source, architecture, spec.output, dtype)
 
     with ArtifactWriter(spec.output, kind="checkpoint", force=spec.force) as writer:
-        weight_files, num_tensors = _write_weights(source, writer.path, torch_dtype(dtype), spec.max_shard_bytes)
+        weight_files, shapes = _write_weights(source, writer.path, torch_dtype(dtype), spec.max_shard_bytes)
+        check_tensor_coverage(model_config, shapes)  # a checkpoint `run` could not load is never published
         hf_config["dtype"] = hf_dtype_string(dtype)
         hf_config.pop("torch_dtype", None)  # transformers 5 reads "dtype"; two spellings could disagree
         _write_json(writer.path / "config.json", hf_config)
@@ -61,7 +63,7 @@ def convert(spec: ConvertSpec) -> Artifact:
             parent=source.parent(),
             spec=resolved,
             model=model_summary(model_config, dtype),
-            extra={"weight_files": weight_files, "num_tensors": num_tensors, "tokenizer_files": tokenizer_files},
+            extra={"weight_files": weight_files, "num_tensors": len(shapes), "tokenizer_files": tokenizer_files},
         )
     return load_artifact(spec.output, kind="checkpoint")
 
@@ -100,15 +102,16 @@ def model_summary(config: ModelConfig, dtype: str) -> dict[str, Any]:
 
 def _write_weights(
     source: ConversionSource, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int
-) -> tuple[list[str], int]:
+) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """Stream the source's tensors into shards; returns the files written and every tensor's shape."""
     shards = ShardedSafetensorsWriter(out_dir, max_shard_bytes=max_shard_bytes)
-    num_tensors = 0
+    shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in source.iter_tensors():
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
         shards.add(name, tensor)
-        num_tensors += 1
-    return shards.close(), num_tensors
+        shapes[name] = tuple(tensor.shape)
+    return shards.close(), shapes
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

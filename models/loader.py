@@ -51,6 +51,17 @@ def load_model(
     return model.eval(), config
 
 
+def check_tensor_coverage(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise WeightMappingError unless tensors of these names and shapes load into the model exactly.
+
+    Runs the real loader on the meta device: no memory, and the same rules as loading for real.
+    """
+    with torch.device("meta"):
+        model = get_model_class(config.architecture)(config)
+    tensors = ((name, torch.empty(shape, device="meta")) for name, shape in shapes.items())
+    load_weights(model, tensors, dtype=None, device="meta")
+
+
 def load_weights(
     model: nn.Module,
     named_tensors: Iterable[tuple[str, torch.Tensor]],

@@ -135,3 +135,17 @@ def test_failure_mid_conversion_leaves_nothing(tiny_llama_dir: Path, tmp_path: P
     with pytest.raises(OSError):
         convert(ConvertSpec(source=str(tiny_llama_dir), output=tmp_path / "out", max_shard_bytes=10_000))
     assert_nothing_written(tmp_path / "out")
+
+
+def test_weights_that_do_not_fit_the_config(model_copy: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_copy / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :10].contiguous()
+    save_file(tensors, model_copy / "model.safetensors", metadata={"format": "pt"})
+    code, message = run_convert(model_copy, tmp_path / "out", capsys)
+    assert code == 2
+    assert "missing tensors: model.layers.1.self_attn.k_proj.weight" in message
+    assert "model.layers.0.mlp.up_proj.weight" in message
+    assert_nothing_written(tmp_path / "out")

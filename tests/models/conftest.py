@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from tiny_models import TINY_SIZES
 
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-5,
-)
+TINY = {**TINY_SIZES, "rms_norm_eps": 1e-5}
 # name -> (config class, overrides of TINY). Each case exercises one difference inside the family.
 CASES: dict[str, tuple[type, dict]] = {
     "llama_gqa": (transformers.LlamaConfig, {}),
