@@ -149,3 +149,11 @@ def test_weights_that_do_not_fit_the_config(model_copy: Path, tmp_path: Path, ca
     assert "missing tensors: model.layers.1.self_attn.k_proj.weight" in message
     assert "model.layers.0.mlp.up_proj.weight" in message
     assert_nothing_written(tmp_path / "out")
+
+
+def test_unreadable_gguf_file(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 7 + b"garbage")
+    code, message = run_convert(path, tmp_path / "out", capsys)
+    assert code == 2 and "model.gguf is not a readable GGUF file" in message
+    assert_nothing_written(tmp_path / "out")
