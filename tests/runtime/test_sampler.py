@@ -1,0 +1,195 @@
+"""The batched sampler: greedy, per-request seeded draws, filters vs a plain reference, penalties, logprobs."""
+
+import math
+
+import pytest
+import torch
+
+from kiln.runtime.sampler import Sampler, SamplingBatch, apply_penalties, apply_top_k_top_p_min_p, suppress_tokens
+from kiln.runtime.sampling_params import SamplingParams
+
+VOCAB = 50
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def make_batch(
+    params: list[SamplingParams],
+    seeds: list[int | None] | None = None,
+    prompts: list[list[int]] | None = None,
+    outputs: list[list[int]] | None = None,
+    device: str = "cpu",
+) -> SamplingBatch:
+    seeds = seeds if seeds is not None else [None] * len(params)
+    generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    prompts = prompts if prompts is not None else [[] for _ in params]
+    outputs = outputs if outputs is not None else [[] for _ in params]
+    return SamplingBatch.build(params, generators, prompts, outputs, device)
+
+
+def test_greedy_rows_take_the_argmax() -> None:
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingParams(temperature=0)
+    out = Sampler()(logits, make_batch([greedy] * 4))
+    assert torch.equal(out.sampled_token_ids, logits.argmax(dim=-1))
+    assert out.sampled_logprobs is None and out.top_logprobs is None
+
+    mixed = [greedy, SamplingParams(temperature=1.5, seed=1), greedy, SamplingParams(top_k=3, seed=2)]
+    out = Sampler()(logits, make_batch(mixed, seeds=[None, 1, None, 2]))
+    assert out.sampled_token_ids[[0, 2]].tolist() == logits[[0, 2]].argmax(dim=-1).tolist()
+
+
+def test_build_takes_host_decisions_from_the_params() -> None:
+    params = [SamplingParams(temperature=0, top_k=5), SamplingParams(top_k=-1, min_p=0.1)]
+    batch = make_batch(params)
+    assert batch.temperature.tolist() == [0.0, 1.0] and batch.top_k.tolist() == [5, 0]
+    assert (batch.all_greedy, batch.all_random) == (False, False)
+    # The greedy row's top_k never matters, and -1 means off: no row needs the top-k pass.
+    assert (batch.use_top_k, batch.use_top_p, batch.use_min_p) == (False, False, True)
+    assert batch.prompt_token_ids is None and batch.output_token_ids is None and batch.max_num_logprobs is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours(device: str) -> None:
+    target = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    others = [SamplingParams(temperature=1.3), SamplingParams(top_k=7), SamplingParams(min_p=0.05, temperature=0.5)]
+    data = torch.Generator().manual_seed(0)
+    steps = [torch.randn(1 + len(others), VOCAB, generator=data).to(device) for _ in range(20)]
+
+    alone = make_batch([target], seeds=[1234], device=device)
+    alone_tokens = [Sampler()(step[:1], alone).sampled_token_ids.item() for step in steps]
+    # Same row at index 2, neighbours drawing from the default generator and from their own seeds.
+    mixed = make_batch([others[0], others[1], target, others[2]], seeds=[None, 7, 1234, 99], device=device)
+    order = [1, 2, 0, 3]  # row 0 of each step goes to index 2
+    mixed_tokens = [Sampler()(step[order], mixed).sampled_token_ids[2].item() for step in steps]
+
+    assert alone_tokens == mixed_tokens
+    assert len(set(alone_tokens)) > 3  # it really sampled
+
+
+def reference_filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """One row, written the plain way: keep the k best, then the nucleus, then tokens above min_p * p_max."""
+    order = logits.argsort(descending=True).tolist()
+    keep = order[:top_k] if top_k > 0 else order
+    if top_p < 1.0:
+        probs = torch.softmax(logits[keep], dim=-1).tolist()
+        nucleus, mass = [], 0.0
+        for token, p in zip(keep, probs):
+            nucleus.append(token)
+            mass += p
+            if mass >= top_p:
+                break
+        keep = nucleus
+    if min_p > 0.0:
+        probs = torch.softmax(logits[keep], dim=-1)
+        keep = [t for t, p in zip(keep, probs.tolist()) if p >= min_p * probs.max().item()]
+    out = torch.full_like(logits, -math.inf)
+    out[keep] = logits[keep]
+    return out
+
+
+def test_filters_match_a_plain_reference() -> None:
+    # (top_k, top_p, min_p) per row; zeros/ones are "off", including every filter off at once.
+    settings = [(0, 1.0, 0.0), (5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.1), (10, 0.7, 0.0), (3, 0.5, 0.2),
+                (0, 0.9, 0.05), (VOCAB + 10, 1.0, 0.0), (1, 1.0, 0.0), (20, 0.95, 0.01)]  # fmt: skip
+    logits = 2.0 * torch.randn(len(settings), VOCAB, generator=torch.Generator().manual_seed(3))
+    top_k = torch.tensor([s[0] for s in settings])
+    top_p = torch.tensor([s[1] for s in settings])
+    min_p = torch.tensor([s[2] for s in settings])
+
+    filtered = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+
+    expected = torch.stack([reference_filter(row, *s) for row, s in zip(logits, settings)])
+    assert torch.equal(filtered, expected)
+    assert torch.equal(filtered[0], logits[0])  # every filter off: untouched
+    assert torch.equal(apply_top_k_top_p_min_p(logits, None, None, None), logits)
+
+
+def test_draws_follow_the_filtered_distribution() -> None:
+    probs = torch.tensor([0.35, 0.25, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01])
+    logits = (probs.log() * 0.7).expand(3000, -1)  # dividing by temperature 0.7 gives back `probs`
+    params = SamplingParams(temperature=0.7, top_p=0.8)  # nucleus: 0.35 + 0.25 + 0.15 + 0.1 >= 0.8
+    out = Sampler()(logits, make_batch([params] * 3000, seeds=list(range(3000))))
+
+    counts = torch.bincount(out.sampled_token_ids, minlength=8).double()
+    assert counts[4:].sum() == 0
+    expected = probs[:4].double() / probs[:4].sum() * 3000
+    chi_square = ((counts[:4] - expected) ** 2 / expected).sum().item()
+    assert chi_square < 16.3  # 3 degrees of freedom, p = 0.001
+
+
+def test_unseeded_rows_use_the_default_generator() -> None:
+    logits = torch.zeros(2000, 4)
+    torch.manual_seed(0)
+    counts = torch.bincount(Sampler()(logits, make_batch([SamplingParams()] * 2000)).sampled_token_ids)
+    assert counts.tolist() == pytest.approx([500] * 4, abs=90)
+
+
+def test_penalties_match_hand_computed_values() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    params = [
+        SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(temperature=0),  # penalties off: untouched
+    ]
+    # Row 0: prompt saw token 1; output has token 0 twice and token 4 once.
+    batch = make_batch(params, prompts=[[1], [0, 1, 2]], outputs=[[0, 4, 0], [3]])
+    assert batch.prompt_token_ids is not None and batch.output_token_ids is not None
+
+    penalised = apply_penalties(logits, batch.prompt_token_ids, batch.output_token_ids, batch.repetition_penalty,
+                                batch.presence_penalty, batch.frequency_penalty)  # fmt: skip
+    # token 0: 2 / 2 - 0.5 - 2 * 0.25; token 1: -1 * 2 (prompt only); token 4: -2 * 2 - 0.5 - 0.25.
+    assert penalised[0].tolist() == [0.0, -2.0, 0.5, 3.0, -4.75]
+    assert torch.equal(penalised[1], logits[1])
+    assert Sampler()(logits, batch).sampled_token_ids.tolist() == [3, 0]
+
+
+def test_logprobs_come_from_the_raw_logits() -> None:
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(5))
+    params = [
+        SamplingParams(temperature=0.5, logprobs=4, repetition_penalty=1.5, seed=1),
+        SamplingParams(temperature=0, logprobs=2),
+        SamplingParams(top_k=3, seed=2),
+    ]
+    out = Sampler()(logits, make_batch(params, seeds=[1, None, 2], prompts=[[1, 2], [3], []]))
+
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.top_logprobs is not None and out.top_logprob_ids is not None and out.sampled_logprobs is not None
+    assert out.top_logprob_ids.shape == (3, 4)  # the batch's largest `logprobs`; rows slice their own
+    assert torch.equal(out.top_logprob_ids, raw.argsort(dim=-1, descending=True)[:, :4])
+    assert torch.equal(out.top_logprobs, raw.gather(1, out.top_logprob_ids))
+    assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()
+    assert torch.equal(out.sampled_logprobs, raw.gather(1, out.sampled_token_ids[:, None]).squeeze(1))
+
+    only_sampled = Sampler()(logits, make_batch([SamplingParams(logprobs=0, seed=0)] * 3, seeds=[0, 1, 2]))
+    assert only_sampled.top_logprob_ids is not None and only_sampled.top_logprob_ids.shape == (3, 0)
+    assert only_sampled.sampled_logprobs is not None and only_sampled.sampled_logprobs.shape == (3,)
+
+
+def test_suppress_tokens_masks_each_rows_tokens() -> None:
+    logits = torch.zeros(3, 6)
+    suppress_tokens(logits, [0, 2], [[5, 1], [5]])
+    assert torch.isinf(logits).nonzero().tolist() == [[0, 1], [0, 5], [2, 5]]
+    assert (logits[torch.isinf(logits)] < 0).all()
+    suppress_tokens(logits, [], [])  # nothing to do
+    assert torch.isinf(logits).sum() == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
+def test_sampling_on_cuda_never_waits_for_the_device() -> None:
+    params = [
+        SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.2),
+        SamplingParams(temperature=0.8, top_k=10, top_p=0.9, min_p=0.02, presence_penalty=0.5, seed=1),
+        SamplingParams(frequency_penalty=-0.3, logprobs=0),
+    ]
+    generators = [torch.Generator(device="cuda").manual_seed(i) for i in range(3)]
+    logits = torch.randn(3, 1000, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync below raises
+    try:
+        batch = SamplingBatch.build(params, generators, [[1, 2, 3], [4], []], [[5], [6, 6], [7, 8, 9]], "cuda")
+        suppress_tokens(logits, [0, 2], [[1], [2, 3]])
+        out = Sampler()(logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.sampled_token_ids.device.type == "cuda" and out.sampled_token_ids.shape == (3,)
+    assert out.top_logprob_ids is not None and out.top_logprob_ids.shape == (3, 3)
