@@ -8,6 +8,7 @@ paged-attention kernels are tested against it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -74,6 +75,23 @@ class AttentionMetadata:
             cu_seqlens_q_host=cu_seqlens,
             seq_lens_host=list(seq_lens),
         )
+
+
+class AttentionFunction(Protocol):
+    """What an attention backend provides: reference_attention's contract."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        metadata: AttentionMetadata,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        k_cache: torch.Tensor | None = None,
+        v_cache: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 def store_kv(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.attention import AttentionMetadata, reference_attention
+from kiln.kernels.attention import AttentionFunction, AttentionMetadata, reference_attention
 from kiln.models.linear import LoadableModule
 
 
@@ -56,13 +56,16 @@ class Attention(torch.nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # The attention backend's function (same contract as reference_attention); the runtime swaps
+        # in a faster one (Triton) when the device and shapes allow it.
+        self.attention_fn: AttentionFunction = reference_attention
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         """q [num_tokens, num_heads * head_dim], k/v [num_tokens, num_kv_heads * head_dim] -> like q."""
         num_tokens = q.shape[0]
-        out = reference_attention(
+        out = self.attention_fn(
             q.reshape(num_tokens, self.num_heads, self.head_dim),
             k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
             v.reshape(num_tokens, self.num_kv_heads, self.head_dim),

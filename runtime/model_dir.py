@@ -1,13 +1,39 @@
-"""Which directories `run` accepts: a checkpoint artifact or a plain Hugging Face model directory."""
+"""Which models `run` and `LLM` accept: a checkpoint artifact, a Hugging Face directory, or builtin:NAME."""
 
+import logging
+import os
 from pathlib import Path
 
 from kiln.core.artifact import is_artifact, load_artifact
+from kiln.core.builtin_models import is_builtin
 from kiln.core.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+def builtin_cache_dir(source: str) -> Path:
+    """Where a built-in model's converted checkpoint is kept ($KILN_CACHE_DIR, else ~/.cache/kiln)."""
+    root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
+    return root / "checkpoints" / source.removeprefix("builtin:")
+
+
+def resolve_model_source(model: str) -> Path:
+    """The checkpoint directory behind a model argument; a built-in is converted once into the cache."""
+    if not is_builtin(model):
+        return resolve_model_dir(model)
+    cached = builtin_cache_dir(model)
+    if not is_artifact(cached):
+        # The one place the runtime reaches into `convert`, lazily: a built-in ships as a GGUF file
+        # and must become a checkpoint once before anything can run it.
+        from kiln.convert.stage import ConvertSpec, convert
+
+        logger.info("first use of %s: converting it into %s", model, cached)
+        convert(ConvertSpec(source=model, output=cached, force=True))
+    return resolve_model_dir(str(cached))
 
 
 def resolve_model_dir(model: str) -> Path:
-    """Validate a model argument and return its directory (an artifact is checked against its manifest)."""
+    """Validate a model directory (an artifact is checked against its manifest) and return it."""
     path = Path(model)
     if not path.is_dir():
         raise UserInputError(
@@ -17,7 +43,7 @@ def resolve_model_dir(model: str) -> Path:
     if is_artifact(path):
         artifact = load_artifact(path)
         if artifact.manifest.kind != "checkpoint":
-            raise UserInputError(f"{path} is a {artifact.manifest.kind} artifact; `run` needs a checkpoint here")
+            raise UserInputError(f"{path} is a {artifact.manifest.kind} artifact; a checkpoint is needed here")
         return path
     if not (path / "config.json").is_file():
         raise UserInputError(f"{path} has no config.json and no kiln manifest; it is not a model directory")

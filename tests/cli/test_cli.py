@@ -118,9 +118,9 @@ def test_run_refuses_bad_input(tiny_checkpoint: Path, tmp_path: Path, capsys) ->
     code, _, err = invoke(capsys, "run", str(tmp_path / "missing"), "-p", "x")
     assert code == 2 and "is not a directory" in err
     code, _, err = invoke(capsys, "run", str(tiny_checkpoint), "-p", "x", "--max-tokens", "0")
-    assert code == 2 and "max_tokens must be at least 1" in err
+    assert code == 2 and "SamplingParams.max_tokens must be an integer >= 1, got 0" in err
     code, _, err = invoke(capsys, "run", str(tiny_checkpoint), "-p", "x", "--max-tokens", "1000")
-    assert code == 2 and "exceeds the model's context of 256 tokens" in err
+    assert code == 2 and "exceeds max_seq_len=256" in err
 
 
 def test_run_on_the_builtin_checkpoint_answers_paris(builtin_checkpoint: Path, capsys) -> None:
@@ -164,4 +164,4 @@ def test_run_builtin_uses_the_cached_checkpoint(builtin_checkpoint: Path, tmp_pa
     code, out, _ = invoke(capsys, "run", "builtin:smollm2-135m", "-p", "What is the capital of France?", "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["model"] == str(cached) and "Paris" in report["results"][0]["text"]
+    assert report["model_dir"] == str(cached) and "Paris" in report["results"][0]["text"]

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kiln import LLM, SamplingParams
 from kiln.core.artifact import load_artifact
 from kiln.core.builtin_models import resolve_builtin
 from kiln.core.errors import UserInputError
 from kiln.core.hashing import sha256_file
 from kiln.models.loader import load_model
-from kiln.runtime.generate import GenerationOptions, SingleSequenceGenerator
 from kiln.runtime.tokenizer import eos_token_ids
 
 
@@ -57,15 +57,10 @@ def test_our_model_matches_transformers_on_the_converted_checkpoint(builtin_chec
 
 
 def test_greedy_answer_knows_paris(builtin_checkpoint: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(builtin_checkpoint)
-    model, config = load_model(builtin_checkpoint)
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
-    )
-    options = GenerationOptions(max_tokens=24, stop_token_ids=tuple(eos_token_ids(builtin_checkpoint, tokenizer)))
-    result = SingleSequenceGenerator(model, config).generate(tokenizer(prompt).input_ids, options)
-    answer = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    assert "Paris" in answer, answer
+    llm = LLM(str(builtin_checkpoint))
+    (output,) = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0))
+    assert "Paris" in output.text, output.text
+    assert output.finish_reason == "stop"  # the model ends its answer with <|im_end|>
 
 
 def test_unknown_builtin_name() -> None:

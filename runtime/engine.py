@@ -1,0 +1,204 @@
+"""The engine: `step = schedule -> execute -> update`, plus requests in and outputs out."""
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.core.dtypes import torch_dtype
+from kiln.core.errors import UserInputError
+from kiln.kernels.attention_backends import select_attention_backend
+from kiln.models.loader import load_model
+from kiln.runtime.engine_config import EngineConfig, resolve_device
+from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.kv_sizing import plan_num_blocks
+from kiln.runtime.model_runner import ModelRunner, kv_cache_block_bytes
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.request import Request
+from kiln.runtime.request_group import RequestGroup
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The resolved sizes the engine runs with (printed once, recorded by callers)."""
+
+    max_batch_size: int
+    max_num_tokens: int
+    max_seq_len: int
+    block_size: int
+    num_kv_blocks: int
+    attention_backend: str
+    device: str
+    dtype: str
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache, one step at a time."""
+
+    def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        device = resolve_device(config.device)
+        dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
+        self.model, self.model_config = load_model(model_dir, dtype=dtype, device=device)
+        has_tokenizer = any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+        self.tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
+        self.eos_token_ids = tuple(eos_token_ids(model_dir, self.tokenizer))
+        self.limits = self._resolve_limits(device)
+        self.kv_cache = KVCacheManager(self.limits.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        backend = select_attention_backend(
+            config.attention_backend, self.model_config.head_dim, self.runner_dtype, config.block_size, device
+        )
+        self.limits = EngineLimits(**{**self.limits.__dict__, "attention_backend": backend.name})
+        self.runner = ModelRunner(
+            self.model, self.model_config, self.kv_cache, self.limits.num_kv_blocks, config.block_size, backend
+        )
+        self.scheduler = Scheduler(self.kv_cache, self.limits.max_batch_size, self.limits.max_num_tokens)
+        self.groups: dict[str, RequestGroup] = {}
+        self._group_by_sample: dict[str, RequestGroup] = {}
+        self._seed_stream = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
+        self._ids = itertools.count()
+
+    @property
+    def runner_dtype(self) -> torch.dtype:
+        """The dtype the weights and KV cache use."""
+        return next(self.model.parameters()).dtype
+
+    def _resolve_limits(self, device: torch.device) -> EngineLimits:
+        config, model_config = self.config, self.model_config
+        max_seq_len = config.max_seq_len or model_config.max_position_embeddings
+        if max_seq_len > model_config.max_position_embeddings:
+            raise UserInputError(
+                f"max_seq_len={max_seq_len} exceeds the model's context of "
+                f"{model_config.max_position_embeddings} tokens"
+            )
+        max_batch_size = config.max_batch_size or (256 if device.type == "cuda" else 32)
+        max_num_tokens = config.max_num_tokens or (8192 if device.type == "cuda" else 2048)
+        block_bytes = kv_cache_block_bytes(model_config, config.block_size, self.runner_dtype)
+        num_kv_blocks = config.num_kv_blocks or plan_num_blocks(
+            model=self.model,
+            config=model_config,
+            device=device,
+            block_bytes=block_bytes,
+            block_size=config.block_size,
+            max_seq_len=max_seq_len,
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            memory_fraction=config.kv_cache_memory_fraction,
+        )
+        if num_kv_blocks - 1 < -(-max_seq_len // config.block_size):
+            raise UserInputError(
+                f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_seq_len={max_seq_len} "
+                f"({config.block_size} tokens per block, block 0 reserved); raise it or lower max_seq_len"
+            )
+        return EngineLimits(
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            max_seq_len=max_seq_len,
+            block_size=config.block_size,
+            num_kv_blocks=num_kv_blocks,
+            attention_backend=config.attention_backend,
+            device=str(device),
+            dtype=str(self.runner_dtype).removeprefix("torch."),
+        )
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        """Queue a prompt; refuses it up front if it cannot fit max_seq_len or the vocabulary."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise UserInputError(f"request id {request_id!r} is already in use")
+        self._validate(prompt_token_ids, params)
+        sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        samples = [self._new_sample(sample_id, i, prompt_token_ids, params) for i, sample_id in enumerate(sample_ids)]
+        group = RequestGroup(request_id, prompt, prompt_token_ids, params, samples, self.tokenizer)
+        self.groups[request_id] = group
+        self._group_by_sample.update({sample.request_id: group for sample in samples})
+        self.scheduler.add(samples[0])  # siblings join once the first has computed the shared prompt
+        return request_id
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise UserInputError("the prompt is empty; give at least one token")
+        vocab_size = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+            raise UserInputError(f"prompt token ids must be in [0, {vocab_size}) for this model")
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.limits.max_seq_len:
+            raise UserInputError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"max_seq_len={self.limits.max_seq_len}; shorten the prompt or lower max_tokens"
+            )
+
+    def _new_sample(self, sample_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        seed = params.seed + index if params.seed is not None else self._seed_stream.getrandbits(63)
+        generator = torch.Generator(device=self.runner.device)
+        generator.manual_seed(seed)
+        return Request(sample_id, list(prompt_token_ids), params, self.eos_token_ids, generator)
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether any request is still waiting or running."""
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """One step: schedule, run the model, update; returns outputs of the requests that advanced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            if self.scheduler.has_unfinished:
+                raise RuntimeError("scheduler made no progress although requests are waiting")
+            return []
+        result = self.runner.execute(scheduled)
+        changed = self.scheduler.update(scheduled, result.sampled)
+        now = time.monotonic()
+        touched: dict[str, RequestGroup] = {}
+        for request_id, entries in result.prompt_logprobs.items():
+            self._group_of(request_id).samples_by_id[request_id].prompt_logprobs.extend(entries)
+        for request in changed:
+            group = self._group_of(request.request_id)
+            if request.request_id in result.logprobs:
+                request.logprobs.append(result.logprobs[request.request_id])
+            stop_string = group.on_token(request)
+            if stop_string is not None:
+                self.scheduler.finish(request, "stop", now, stop_reason=stop_string)
+            touched[group.request_id] = group
+        for chunk in scheduled.chunks:  # the shared prompt is computed: let the other samples in
+            group = self._group_of(chunk.request.request_id)
+            for sibling in group.release_siblings(chunk.request):
+                self.scheduler.add(sibling, front=True)
+        outputs = [group.output() for group in touched.values()]
+        for output in outputs:
+            if output.finished:
+                self._forget(output.request_id)
+        return outputs
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks (unknown or finished ids are ignored)."""
+        group = self.groups.get(request_id)
+        if group is None:
+            return
+        for request in group.samples:
+            self.scheduler.finish(request, "abort")
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        group = self.groups.pop(request_id)
+        for sample in group.samples:
+            self._group_by_sample.pop(sample.request_id, None)
+
+    def _group_of(self, sample_id: str) -> RequestGroup:
+        return self._group_by_sample[sample_id]

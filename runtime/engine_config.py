@@ -1,0 +1,54 @@
+"""The engine's options, validated once; every field can come from flags, a YAML file or the API."""
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.core.errors import UserInputError
+from kiln.kernels.attention_backends import BACKEND_NAMES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of `LLM(...)`, `kiln run` and (later) `kiln serve`; None = sized for the device."""
+
+    dtype: str = "auto"  # auto = the checkpoint's dtype
+    device: str = "auto"  # auto = cuda when available
+    max_batch_size: int | None = None  # running requests at once (default 256 on GPU, 32 on CPU)
+    max_num_tokens: int | None = None  # tokens per step, prefill chunks and decodes together (8192 GPU, 2048 CPU)
+    max_seq_len: int | None = None  # prompt + generated tokens per request (default: the model's context)
+    block_size: int = 16
+    kv_cache_memory_fraction: float = 0.9  # of the GPU's memory, for weights + activations + KV cache
+    num_kv_blocks: int | None = None  # fix the KV cache size instead of measuring it
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | torch | triton
+    seed: int = 0  # seeds the requests that bring none, so whole runs reproduce
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_num_tokens", "max_seq_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise UserInputError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise UserInputError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise UserInputError("num_kv_blocks must be at least 2 (block 0 is reserved)")
+        if self.attention_backend not in BACKEND_NAMES:
+            raise UserInputError(f"attention_backend must be one of {', '.join(BACKEND_NAMES)}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
+            raise UserInputError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda if available else cpu; a CUDA request without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise UserInputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(f"device {device} asked for a GPU, but torch sees no CUDA device")
+    return resolved

@@ -1,0 +1,186 @@
+"""The model runner: packs a step's chunks into one flat batch, runs the model, samples.
+
+One forward per step over `input_ids[num_tokens]`, whatever mix of prefill chunks and decodes the
+scheduler chose; attention finds each sequence through `cu_seqlens_q`, `seq_lens`, `slot_mapping`
+and `block_tables`. Logits are computed only for the rows that sample (plus prompt positions whose
+logprobs were asked). The one host sync per step is reading the sampled token ids back.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kiln.kernels.attention import AttentionMetadata
+from kiln.kernels.attention_backends import AttentionBackend
+from kiln.models.config import ModelConfig
+from kiln.models.layers import Attention
+from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.request import Request
+from kiln.runtime.sampler import Sampler, SamplingBatch, suppress_tokens
+from kiln.runtime.scheduler import ScheduledChunk, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+TopLogprobs = dict[int, float]  # token id -> logprob
+
+
+@dataclass
+class RunnerOutput:
+    """What one step produced, by request id."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TopLogprobs] = field(default_factory=dict)
+    # prompt logprobs for the positions this step computed: one entry per prompt token after the first
+    prompt_logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class _FlatBatch:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # flat index of the last token of sampling chunks
+    sampling_requests: list[Request] = field(default_factory=list)
+
+
+def kv_cache_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block across all layers (keys and values)."""
+    element_bytes = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element_bytes
+
+
+class ModelRunner:
+    """Owns the model, its KV cache tensors and the sampler."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        kv_cache: KVCacheManager,
+        num_blocks: int,
+        block_size: int,
+        backend: AttentionBackend,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.sampler = Sampler()
+        self.attention_layers = [module for module in model.modules() if isinstance(module, Attention)]
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        for layer in self.attention_layers:
+            # [num_blocks, block_size, num_kv_heads, head_dim] per layer; allocated once, never resized.
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.attention_fn = backend.forward
+        logger.info("KV cache: %d blocks of %d tokens, attention backend %s", num_blocks, block_size, backend.name)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        """Run one step: forward over the flat batch, then sample for the chunks that end their tokens."""
+        batch = self._pack(scheduled.chunks)
+        metadata = AttentionMetadata.build(
+            query_lens=batch.query_lens,
+            seq_lens=batch.seq_lens,
+            device=self.device,
+            slot_mapping=batch.slot_mapping,
+            block_tables=batch.block_tables,
+        )
+        input_ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, metadata)  # [num_tokens, hidden]
+        output = RunnerOutput()
+        self._prompt_logprobs(scheduled.chunks, hidden, output)
+        if batch.sample_rows:
+            self._sample(hidden, batch, output)
+        return output
+
+    def _pack(self, chunks: list[ScheduledChunk]) -> _FlatBatch:
+        batch = _FlatBatch()
+        block_size = self.block_size
+        for chunk in chunks:
+            request, start, end = chunk.request, chunk.start, chunk.start + chunk.num_new_tokens
+            block_ids = self.kv_cache.block_ids(request.request_id)
+            batch.input_ids += request.token_ids[start:end]
+            batch.positions += range(start, end)
+            batch.slot_mapping += [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            batch.query_lens.append(chunk.num_new_tokens)
+            batch.seq_lens.append(end)
+            batch.block_tables.append(block_ids)
+            if chunk.samples:
+                batch.sample_rows.append(len(batch.input_ids) - 1)
+                batch.sampling_requests.append(request)
+        return batch
+
+    def _sample(self, hidden: torch.Tensor, batch: _FlatBatch, output: RunnerOutput) -> None:
+        requests = batch.sampling_requests
+        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # [num_sampling, vocab] fp32
+        self._suppress_early_stops(logits, requests)
+        sampling = SamplingBatch.build(
+            [request.sampling_params for request in requests],
+            [request.generator for request in requests],
+            [request.prompt_token_ids for request in requests],
+            [request.output_token_ids for request in requests],
+            self.device,
+        )
+        result = self.sampler(logits, sampling)
+        token_ids = result.sampled_token_ids.tolist()  # the step's one host sync
+        for request, token_id in zip(requests, token_ids):
+            output.sampled[request.request_id] = token_id
+        if result.sampled_logprobs is not None:
+            self._collect_logprobs(requests, token_ids, result, output)
+
+    def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Below min_tokens, EOS and stop tokens cannot be sampled."""
+        rows, banned = [], []
+        for row, request in enumerate(requests):
+            params = request.sampling_params
+            if len(request.output_token_ids) < params.min_tokens:
+                stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
+                if stop_ids:
+                    rows.append(row)
+                    banned.append(sorted(stop_ids))
+        if rows:
+            suppress_tokens(logits, rows, banned)
+
+    def _collect_logprobs(self, requests: list[Request], token_ids: list[int], result, output: RunnerOutput) -> None:
+        sampled_logprobs = result.sampled_logprobs.tolist()
+        top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
+        top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        for row, request in enumerate(requests):
+            wanted = request.sampling_params.logprobs
+            if wanted is None:
+                continue
+            entry = {token_ids[row]: sampled_logprobs[row]}
+            if top_ids is not None and wanted > 0:
+                entry.update(zip(top_ids[row][:wanted], top_values[row][:wanted]))
+            output.logprobs[request.request_id] = entry
+
+    def _prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, output: RunnerOutput) -> None:
+        """Logprob of each prompt token given the tokens before it (positions computed this step)."""
+        offset = 0
+        for chunk in chunks:
+            request, wanted = chunk.request, chunk.request.sampling_params.prompt_logprobs
+            # Position p predicts prompt token p + 1; entries already collected (before a preemption) are kept.
+            first = max(chunk.start, len(request.prompt_logprobs))
+            last = min(chunk.start + chunk.num_new_tokens, request.num_prompt_tokens - 1)
+            if wanted is not None and first < last:
+                rows = torch.arange(offset + first - chunk.start, offset + last - chunk.start, device=self.device)
+                logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)  # [n, vocab]
+                targets = torch.tensor(request.token_ids[first + 1 : last + 1], device=self.device)
+                chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+                entries = [{target: value} for target, value in zip(targets.tolist(), chosen)]
+                if wanted > 0:
+                    top_values, top_ids = logprobs.topk(wanted, dim=-1)
+                    for entry, ids, values in zip(entries, top_ids.tolist(), top_values.tolist()):
+                        entry.update(zip(ids, values))
+                output.prompt_logprobs[request.request_id] = entries
+            offset += chunk.num_new_tokens

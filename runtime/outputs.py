@@ -1,0 +1,77 @@
+"""What generation returns: one RequestOutput per prompt, with its n completions and timings."""
+
+from dataclasses import dataclass
+
+TopLogprobs = dict[int, float]  # token id -> logprob
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence (one of the n samples of a prompt)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None  # the stop token id or stop string that ended it
+    logprobs: list[TopLogprobs] | None  # per generated token, when SamplingParams.logprobs was set
+
+    @property
+    def finished(self) -> bool:
+        """Whether this sequence has ended."""
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Per-request timings (time.monotonic seconds) and cache facts."""
+
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int  # found in the prefix cache, not computed
+    num_preemptions: int
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        """Seconds from arrival to the first generated token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds from arrival to the end of the last sample."""
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt; `.text` and friends are the first completion's, for the common n = 1."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TopLogprobs | None] | None  # None for the first prompt token
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+
+    @property
+    def text(self) -> str:
+        """Generated text of the first completion."""
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated token ids of the first completion."""
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the first completion ended."""
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TopLogprobs] | None:
+        """Per-token logprobs of the first completion."""
+        return self.outputs[0].logprobs

@@ -1,0 +1,167 @@
+"""The engine against transformers: greedy token-for-token equality under chunked prefill,
+preemption, staggered arrivals and prefix caching; KV blocks all free at the end."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from kiln.core.errors import UserInputError
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.engine_config import EngineConfig
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("engine") / "llama", with_tokenizer=False)
+
+
+def prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    lengths = [3, 37, 12, 5, 29, 18, 1, 44]
+    shared = torch.randint(1, 320, (16,), generator=generator).tolist()  # a common prefix for the cache to find
+    result = []
+    for i, length in enumerate(lengths):
+        tail = torch.randint(1, 320, (length,), generator=generator).tolist()
+        result.append(shared + tail if i % 2 else tail)
+    return result
+
+
+def hf_greedy(model_dir: Path, device: str) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    outputs = []
+    for prompt in prompts():
+        ids = torch.tensor([prompt], device=device)
+        generated = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+        outputs.append(generated[0, len(prompt) :].tolist())
+    return outputs
+
+
+def run_to_completion(engine: LLMEngine) -> dict[str, RequestOutput]:
+    finished: dict[str, RequestOutput] = {}
+    while engine.has_unfinished:
+        finished.update({output.request_id: output for output in engine.step() if output.finished})
+    return finished
+
+
+def run_staggered(engine: LLMEngine, params: SamplingParams) -> dict[str, list[int]]:
+    """Half the prompts at once, the rest one per step while the first ones run."""
+    pending = list(enumerate(prompts()))
+    results: dict[str, list[int]] = {}
+    for index, prompt in pending[:4]:
+        engine.add_request(prompt, params, request_id=str(index))
+    late = pending[4:]
+    while engine.has_unfinished or late:
+        if late:
+            index, prompt = late.pop(0)
+            engine.add_request(prompt, params, request_id=str(index))
+        for output in engine.step():
+            if output.finished:
+                results[output.request_id] = output.token_ids
+    return results
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix_caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_greedy_equals_transformers_under_pressure(model_dir: Path, device: str, prefix_caching: bool) -> None:
+    expected = hf_greedy(model_dir, device)
+    config = EngineConfig(
+        dtype="fp32",
+        device=device,
+        block_size=4,
+        num_kv_blocks=24,  # 92 tokens: far less than the 8 requests need together -> preemption
+        max_num_tokens=16,  # prompts of up to 60 tokens -> chunked prefill across several steps
+        max_batch_size=6,
+        max_seq_len=84,  # the longest request: 60 prompt + 24 generated tokens
+        enable_prefix_caching=prefix_caching,
+        attention_backend="auto",
+    )
+    engine = LLMEngine(model_dir, config)
+    results = run_staggered(engine, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert [results[str(i)] for i in range(len(expected))] == expected
+    assert engine.scheduler.stats.num_preemptions > 0
+    assert engine.kv_cache.num_free_blocks == config.num_kv_blocks - 1  # every block free again
+    assert engine.kv_cache.usage == 0
+    if prefix_caching:
+        assert engine.kv_cache.num_prefix_hits > 0
+    else:
+        assert engine.kv_cache.num_prefix_hits == 0
+
+
+def test_n_samples_share_the_prompt_blocks(model_dir: Path) -> None:
+    engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", block_size=4, num_kv_blocks=64, max_seq_len=96))
+    prompt = prompts()[1]  # 53 tokens: 13 full blocks
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    engine.add_request(prompt, params, request_id="r")
+    shared_checked = False
+    outputs = []
+    while engine.has_unfinished:
+        outputs = engine.step()
+        tables = [engine.kv_cache.block_ids(f"r#{i}") for i in range(3)]
+        if all(tables) and not shared_checked:
+            assert tables[0][:13] == tables[1][:13] == tables[2][:13]  # full prompt blocks: shared, not copied
+            assert len({table[-1] for table in tables}) == 3  # each sample writes its own tail block
+            shared_checked = True
+    assert shared_checked
+    (output,) = outputs
+    assert output.finished and [c.index for c in output.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in output.outputs)
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1  # different seeds, different samples
+    assert engine.kv_cache.num_free_blocks == 63
+
+
+def test_seeded_request_is_the_same_whatever_the_batch(model_dir: Path) -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = LLMEngine(model_dir, EngineConfig(dtype="fp32"))
+    alone.add_request(prompts()[2], params, request_id="x")
+    alone_tokens = run_to_completion(alone)["x"].token_ids
+
+    busy = LLMEngine(model_dir, EngineConfig(dtype="fp32", max_num_tokens=8))
+    for i, prompt in enumerate(prompts()):
+        busy.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=20), request_id=f"other{i}")
+    busy.add_request(prompts()[2], params, request_id="x")
+    assert run_to_completion(busy)["x"].token_ids == alone_tokens
+
+
+def test_requests_longer_than_max_seq_len_are_rejected(model_dir: Path) -> None:
+    engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", max_seq_len=64))
+    with pytest.raises(UserInputError, match=r"prompt \(60 tokens\) \+ max_tokens \(10\) = 70 exceeds max_seq_len=64"):
+        engine.add_request([1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(UserInputError, match="prompt token ids must be in"):
+        engine.add_request([5, 9999], SamplingParams())
+    with pytest.raises(UserInputError, match="the prompt is empty"):
+        engine.add_request([], SamplingParams())
+    assert not engine.has_unfinished
+
+
+def test_abort_frees_blocks_at_once(model_dir: Path) -> None:
+    engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", block_size=4, num_kv_blocks=40, max_seq_len=96))
+    engine.add_request(prompts()[1], SamplingParams(max_tokens=20), request_id="a")
+    engine.step()
+    assert engine.kv_cache.usage > 0
+    engine.abort("a")
+    assert engine.kv_cache.usage == 0 and not engine.has_unfinished
+
+
+def test_prompt_logprobs_match_transformers(model_dir: Path) -> None:
+    prompt = prompts()[3]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", max_num_tokens=8))  # chunked: logprobs across steps
+    engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2, logprobs=3), request_id="p")
+    output = run_to_completion(engine)["p"]
+    assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(prompt)
+    for position, entry in enumerate(output.prompt_logprobs[1:]):
+        target = prompt[position + 1]
+        assert entry[target] == pytest.approx(expected[position, target].item(), abs=1e-4)
+        top2 = expected[position].topk(2).indices.tolist()
+        assert set(top2) <= set(entry)
+    assert len(output.logprobs) == 2 and all(len(entry) >= 3 for entry in output.logprobs)
