@@ -1,0 +1,218 @@
+"""Split-KV (flash-decoding) paged attention for steps where every sequence has exactly one new token.
+
+Grid (num_seqs, num_kv_heads, num_splits): a program loads the query rows of one KV head's whole GQA
+group at once, so each key/value is read once per group, and runs an online softmax over its share of
+the sequence's keys, read through the block table. With several splits a second kernel merges the
+partial results by their log-sum-exp. Reference: `attention.reference_attention`.
+
+CUDA graphs: the kernels read lengths and block ids from device tensors only and the partial buffers
+are sized from host ints (num_seqs, num_heads, num_splits), so a graph captured with a fixed
+`num_splits` stays correct for any context lengths on replay (splits past the end come out empty).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_KEYS_PER_SPLIT = 256  # fewer keys per program than this and the merge costs more than it gains
+MAX_SPLITS = 64
+NO_WINDOW = 1 << 30  # stands for sliding_window=None: a window longer than any context
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    sliding_window,
+    group_size,
+    head_dim,
+    num_splits,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_k_b,
+    stride_k_s,
+    stride_k_h,
+    stride_v_b,
+    stride_v_s,
+    stride_v_h,
+    stride_bt,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * group_size
+    context_len = tl.load(seq_lens_ptr + seq)
+    # The query is at position context_len - 1 and sees keys [lo, context_len); splits share that
+    # range in BLOCK_N-aligned pieces.
+    lo = tl.maximum(context_len - sliding_window, 0)
+    keys_per_split = tl.cdiv(tl.cdiv(context_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * keys_per_split
+    end = tl.minimum(start + keys_per_split, context_len)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * group_size + g  # query heads of this group; rows >= group_size are padding
+    q_mask = (g[:, None] < group_size) & (d[None, :] < head_dim)
+    # [BLOCK_G, BLOCK_D]; in a decode step token i belongs to sequence i.
+    q = tl.load(q_ptr + seq * stride_q_t + heads[:, None] * stride_q_h + d[None, :], mask=q_mask, other=0.0)
+
+    # A finite start for the running max keeps exp2(m_old - m_new) free of inf - inf.
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for n in range(start, end, BLOCK_N):
+        pos = n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        valid = pos < end
+        # int64: block * stride can exceed 2**31 elements in a large cache.
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        row = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & (d[None, :] < head_dim)
+        k_off = block[:, None] * stride_k_b + row[:, None] * stride_k_s + kv_head * stride_k_h + d[None, :]
+        k = tl.load(k_cache_ptr + k_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_off = block[:, None] * stride_v_b + row[:, None] * stride_v_s + kv_head * stride_v_h + d[None, :]
+        v = tl.load(v_cache_ptr + v_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    if WRITE_OUT:  # a single split is the whole answer
+        out = acc / l_i[:, None]
+        o_ptrs = out_ptr + seq * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        # Partial result, normalised, with its base-2 log-sum-exp; an empty split gets lse ~ -1e30.
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        part = (seq * num_heads + heads) * num_splits + split  # [BLOCK_G] rows of part_lse
+        g_mask = g < group_size
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=g_mask)
+        tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / l_safe[:, None], mask=q_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    head_dim,
+    num_splits,
+    stride_o_t,
+    stride_o_h,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (sequence, query head): weight each split by exp2(lse - max lse).
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    rows = (seq * tl.num_programs(1) + head) * num_splits + tl.arange(0, BLOCK_S)  # [BLOCK_S]
+    s_mask = tl.arange(0, BLOCK_S) < num_splits
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))  # [BLOCK_S]
+    mask = s_mask[:, None] & (d[None, :] < head_dim)
+    parts = tl.load(part_out_ptr + rows[:, None] * head_dim + d[None, :], mask=mask, other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)  # [BLOCK_D]
+    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on H100 SXM); 1 elsewhere (interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(max_keys: int, num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head) so the grid covers the GPU about twice, each with enough keys."""
+    wanted = math.ceil(2 * _num_sms(device) / max(1, num_seqs * num_kv_heads))
+    return max(1, min(wanted, math.ceil(max_keys / MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None,
+    num_splits: int,
+) -> None:
+    """One query token per sequence: q, out [num_seqs, num_heads, head_dim]; writes `out`."""
+    # caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group_size = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    # Partial buffers depend only on host ints, so they are safe to allocate under graph capture.
+    part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * math.log2(math.e),
+        NO_WINDOW if sliding_window is None else sliding_window,
+        group_size,
+        head_dim,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        block_tables.stride(0),
+        BLOCK_SIZE=k_cache.shape[1],
+        # tl.dot needs M >= 16: small groups are padded with zero query rows.
+        BLOCK_G=max(16, triton.next_power_of_2(group_size)),
+        BLOCK_N=64 if block_d <= 128 else 32,
+        BLOCK_D=block_d,
+        WRITE_OUT=num_splits == 1,
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            head_dim,
+            num_splits,
+            out.stride(0),
+            out.stride(1),
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+        )

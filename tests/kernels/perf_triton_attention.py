@@ -1,0 +1,110 @@
+"""Timing of the Triton paged-attention kernels (not collected by pytest): run it as a script on a GPU.
+
+Decode: 64 sequences x 2048 context, Llama-3-8B heads (32 q / 8 kv, head_dim 128), bf16, block 16,
+against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick).
+Prefill: 4 prompts x 2048 tokens against causal SDPA on contiguous tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_triton_attention import make_case  # noqa: E402
+
+from kiln.kernels.attention import reference_attention  # noqa: E402
+from kiln.kernels.triton_decode_attention import decode_attention  # noqa: E402
+from kiln.kernels.triton_paged_attention import triton_paged_attention  # noqa: E402
+
+HEADS = (32, 8, 128)
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn()."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def row(name: str, ms: float, num_bytes: float | None = None, flops: float | None = None) -> None:
+    extra = ""
+    if num_bytes is not None:
+        extra += f"  {num_bytes / ms / 1e6:8.0f} GB/s"
+    if flops is not None:
+        extra += f"  {flops / ms / 1e9:8.1f} TFLOP/s"
+    print(f"{name:<48} {ms * 1000:10.1f} us{extra}")
+
+
+def decode_table(num_seqs: int = 64, context_len: int = 2048) -> None:
+    num_heads, num_kv_heads, head_dim = HEADS
+    case = make_case([1] * num_seqs, [context_len] * num_seqs, HEADS, torch.bfloat16, 16, seed=0)
+    scale = 1 / math.sqrt(head_dim)
+    kv_bytes = 2 * num_seqs * context_len * num_kv_heads * head_dim * 2  # K and V, bf16
+    print(f"decode: {num_seqs} seqs x {context_len} context, heads {HEADS}, bf16, block 16")
+    md = case.metadata
+
+    def paged(num_splits=None):
+        return lambda: triton_paged_attention(
+            case.q, case.k, case.v, md, scale=scale, sliding_window=None,
+            k_cache=case.k_cache, v_cache=case.v_cache, num_splits=num_splits,
+        )  # fmt: skip
+
+    row("triton_paged_attention (store + decode, auto)", bench(paged()), kv_bytes)
+    out = torch.empty_like(case.q)
+    for splits in (1, 2, 4, 8):
+        ms = bench(
+            lambda s=splits: decode_attention(
+                case.q,
+                case.k_cache,
+                case.v_cache,
+                md.block_tables,
+                md.seq_lens,
+                out,
+                scale=scale,
+                sliding_window=None,
+                num_splits=s,
+            )
+        )
+        row(f"  decode kernel only, num_splits={splits}", ms, kv_bytes)
+    k_cache, v_cache = case.k_cache.contiguous(), case.v_cache.contiguous()
+    ref = lambda: reference_attention(  # noqa: E731
+        case.q, case.k, case.v, md, scale=scale, sliding_window=None, k_cache=k_cache, v_cache=v_cache
+    )
+    row("reference_attention (PyTorch loop, fp32)", bench(ref), kv_bytes)
+    q = case.q.contiguous().view(num_seqs, num_heads, 1, head_dim)
+    k = torch.randn(num_seqs, num_kv_heads, context_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)  # noqa: E731
+    row("torch SDPA, contiguous K/V, enable_gqa", bench(sdpa), kv_bytes)
+    k_full, v_full = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+    sdpa_mha = lambda: F.scaled_dot_product_attention(q, k_full, v_full, scale=scale)  # noqa: E731
+    row("torch SDPA, contiguous K/V repeated to 32 heads", bench(sdpa_mha), 4 * kv_bytes)
+
+
+def prefill_table(num_seqs: int = 4, prompt_len: int = 2048) -> None:
+    num_heads, num_kv_heads, head_dim = HEADS
+    lens = [prompt_len] * num_seqs
+    case = make_case(lens, lens, HEADS, torch.bfloat16, 16, seed=0)
+    scale = 1 / math.sqrt(head_dim)
+    flops = 2 * 2 * num_seqs * num_heads * head_dim * prompt_len * prompt_len / 2  # causal half
+    print(f"prefill: {num_seqs} prompts x {prompt_len} tokens, heads {HEADS}, bf16, block 16")
+    paged = lambda: triton_paged_attention(  # noqa: E731
+        case.q, case.k, case.v, case.metadata, scale=scale, sliding_window=None,
+        k_cache=case.k_cache, v_cache=case.v_cache,
+    )  # fmt: skip
+    row("triton_paged_attention (store + prefill)", bench(paged), flops=flops)
+    q = torch.randn(num_seqs, num_heads, prompt_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(num_seqs, num_heads, prompt_len, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # noqa: E731
+    row("torch SDPA causal, contiguous, 32 kv heads", bench(sdpa), flops=flops)
+
+
+if __name__ == "__main__":
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    decode_table()
+    prefill_table()

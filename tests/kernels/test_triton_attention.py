@@ -1,0 +1,216 @@
+"""Triton paged attention and KV store against the PyTorch reference, on random ragged batches."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kiln.kernels.attention import AttentionMetadata, reference_attention, store_kv
+from kiln.kernels.triton_paged_attention import (
+    triton_attention_unsupported,
+    triton_paged_attention,
+    triton_store_kv,
+)
+
+DEVICE = torch.device("cuda")  # the module-level device lets a developer run these in the interpreter
+BF16, FP16 = torch.bfloat16, torch.float16
+LLAMA3 = (32, 8, 128)  # num_heads, num_kv_heads, head_dim
+SMOLLM2 = (9, 3, 64)
+MHA = (8, 8, 128)
+
+
+@dataclass
+class Case:
+    """One step's inputs: q/k/v as views of a fused qkv tensor, caches full of random history."""
+
+    q: torch.Tensor  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], not contiguous
+    v_cache: torch.Tensor
+    metadata: AttentionMetadata
+
+
+def make_case(
+    query_lens: list[int],
+    seq_lens: list[int],
+    heads: tuple[int, int, int],
+    dtype: torch.dtype,
+    block_size: int,
+    seed: int,
+) -> Case:
+    """Random q/k/v and history; each sequence gets shuffled, non-contiguous block ids (block 0 unused)."""
+    num_heads, num_kv_heads, head_dim = heads
+    rng = random.Random(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = 1 + sum(blocks_per_seq) + 7  # a few blocks nobody owns
+    block_ids = list(range(1, num_blocks))
+    rng.shuffle(block_ids)
+    tables, slots = [], []
+    for q_len, seq_len, count in zip(query_lens, seq_lens, blocks_per_seq):
+        table, block_ids = block_ids[:count], block_ids[count:]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len)]
+    num_tokens = sum(query_lens)
+    widths = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    qkv = torch.randn(num_tokens, sum(widths), generator=gen, device=DEVICE, dtype=dtype)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split(widths, dim=1))
+    # One tensor holding K and V per block: the caches' block stride is twice their block's size.
+    kv = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim, generator=gen, device=DEVICE, dtype=dtype)
+    metadata = AttentionMetadata.build(query_lens, seq_lens, DEVICE, slot_mapping=slots, block_tables=tables)
+    return Case(q, k, v, kv[:, 0], kv[:, 1], metadata)
+
+
+def check_attention(case: Case, sliding_window: int | None, num_splits: int | None = None) -> None:
+    """Triton output and caches against the reference computed in fp32 on the same (rounded) inputs."""
+    scale = 1 / math.sqrt(case.q.shape[-1])
+    k_cache_ref, v_cache_ref = case.k_cache.float(), case.v_cache.float()
+    expected = reference_attention(
+        case.q.float(), case.k.float(), case.v.float(), case.metadata,
+        scale=scale, sliding_window=sliding_window, k_cache=k_cache_ref, v_cache=v_cache_ref,
+    )  # fmt: skip
+    out = torch.full(case.q.shape, float("nan"), dtype=case.q.dtype, device=DEVICE)  # unwritten rows show
+    result = triton_paged_attention(
+        case.q, case.k, case.v, case.metadata, scale=scale, sliding_window=sliding_window,
+        k_cache=case.k_cache, v_cache=case.v_cache, out=out, num_splits=num_splits,
+    )  # fmt: skip
+    assert result is out and out.dtype == case.q.dtype
+    assert torch.equal(case.k_cache.float(), k_cache_ref) and torch.equal(case.v_cache.float(), v_cache_ref)
+    assert not out.isnan().any(), f"{out.isnan().any(-1).any(-1).sum()} token rows not written"
+    error = out.float() - expected
+    relative = (error.norm() / expected.norm()).item()
+    max_abs = error.abs().max().item()
+    assert relative < (1e-2 if case.q.dtype == BF16 else 3e-3), f"relative error {relative:.2e}"
+    assert max_abs < (2e-2 if case.q.dtype == BF16 else 1e-2), f"max abs error {max_abs:.2e}"
+
+
+def random_lengths(rng: random.Random, count: int, low: int, high: int) -> list[int]:
+    """`count` lengths in [low, high], both ends included once there are at least three."""
+    lengths = [rng.randint(low, high) for _ in range(count)]
+    if count >= 3:
+        lengths[:2] = [low, high]
+        rng.shuffle(lengths)
+    return lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_store_kv_matches_reference_exactly(dtype, block_size):
+    case = make_case([40, 1, 23], [40, 100, 60], LLAMA3, dtype, block_size, seed=1)
+    slots = case.metadata.slot_mapping.clone()
+    slots[::5] = -1  # padding tokens: their slots are skipped
+    k_ref, v_ref = case.k_cache.clone(), case.v_cache.clone()
+    store_kv(case.k, case.v, k_ref, v_ref, slots)
+    triton_store_kv(case.k, case.v, case.k_cache, case.v_cache, slots)
+    assert torch.equal(case.k_cache, k_ref) and torch.equal(case.v_cache, v_ref)
+
+
+DECODE_CASES = [
+    # num_seqs, heads, dtype, block_size
+    (1, LLAMA3, BF16, 16),
+    (7, LLAMA3, FP16, 16),
+    (64, LLAMA3, BF16, 16),
+    (64, SMOLLM2, BF16, 16),
+    (13, SMOLLM2, FP16, 32),
+    (5, MHA, BF16, 32),
+    (32, (8, 8, 64), FP16, 16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_seqs,heads,dtype,block_size", DECODE_CASES)
+def test_decode_matches_reference(num_seqs, heads, dtype, block_size):
+    seq_lens = random_lengths(random.Random(num_seqs), num_seqs, 1, 3000)
+    check_attention(make_case([1] * num_seqs, seq_lens, heads, dtype, block_size, seed=num_seqs), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_seqs,heads,dtype", [(16, LLAMA3, BF16), (3, SMOLLM2, FP16)])
+def test_decode_sliding_window(num_seqs, heads, dtype):
+    seq_lens = random_lengths(random.Random(2), num_seqs, 1, 3000)
+    check_attention(make_case([1] * num_seqs, seq_lens, heads, dtype, 16, seed=2), sliding_window=256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+def test_decode_fixed_splits_any_context(num_splits):
+    # As under a captured CUDA graph: the split count is fixed while contexts vary (many splits empty).
+    seq_lens = [1, 2, 17, 64, 65, 300, 2999]
+    check_attention(make_case([1] * 7, seq_lens, LLAMA3, BF16, 16, seed=3), None, num_splits=num_splits)
+
+
+PREFILL_CASES = [
+    # heads, dtype, block_size, sliding_window
+    (LLAMA3, BF16, 16, None),
+    (LLAMA3, FP16, 32, 256),
+    (SMOLLM2, BF16, 16, None),
+    (SMOLLM2, FP16, 16, 256),
+    (MHA, BF16, 32, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,dtype,block_size,sliding_window", PREFILL_CASES)
+def test_prefill_without_history(heads, dtype, block_size, sliding_window):
+    prompt_lens = random_lengths(random.Random(4), 6, 1, 700)
+    case = make_case(prompt_lens, prompt_lens, heads, dtype, block_size, seed=4)
+    check_attention(case, sliding_window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,dtype,block_size,sliding_window", PREFILL_CASES)
+def test_chunked_prefill_over_cached_tokens(heads, dtype, block_size, sliding_window):
+    rng = random.Random(5)
+    query_lens = random_lengths(rng, 6, 1, 300)
+    cached_lens = random_lengths(rng, 6, 0, 1500)
+    seq_lens = [q + c for q, c in zip(query_lens, cached_lens)]
+    check_attention(make_case(query_lens, seq_lens, heads, dtype, block_size, seed=5), sliding_window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,dtype,sliding_window", [(LLAMA3, BF16, None), (SMOLLM2, FP16, 256)])
+def test_mixed_decode_and_prefill(heads, dtype, sliding_window):
+    rng = random.Random(6)
+    decode = [(1, rng.randint(1, 3000)) for _ in range(9)]
+    prefill = [(n, n) for n in (1, 5, 300, 700)]
+    chunked = [(q, q + rng.randint(1, 1500)) for q in (1, 16, 17, 200)]
+    batch = decode + prefill + chunked
+    rng.shuffle(batch)
+    case = make_case([q for q, _ in batch], [s for _, s in batch], heads, dtype, 16, seed=6)
+    check_attention(case, sliding_window)
+
+
+@pytest.mark.gpu
+def test_mostly_decode_batch_uses_small_tiles():
+    # Speculative-decoding-like steps: every sequence brings 1..16 tokens (16-query tiles).
+    rng = random.Random(7)
+    query_lens = [rng.randint(1, 16) for _ in range(20)]
+    seq_lens = [q + rng.randint(0, 2000) for q in query_lens]
+    check_attention(make_case(query_lens, seq_lens, LLAMA3, BF16, 16, seed=7), None)
+
+
+@pytest.mark.gpu
+def test_head_dim_padded_to_power_of_two():
+    # head_dim 96 (Phi-3-mini-like) runs padded to 128 in both kernels.
+    heads = (12, 4, 96)
+    check_attention(make_case([1] * 5, [1, 40, 700, 1000, 2500], heads, BF16, 16, seed=8), None)
+    check_attention(make_case([300, 20], [300, 900], heads, BF16, 16, seed=8), None)
+
+
+def test_unsupported_reasons():
+    # Runs without a GPU: the check itself must work everywhere.
+    cpu_reasons = triton_attention_unsupported(128, BF16, 16, torch.device("cpu"))
+    assert any("CUDA" in r for r in cpu_reasons)
+    fp32_reasons = triton_attention_unsupported(128, torch.float32, 16, "cuda")
+    assert any("float32" in r for r in fp32_reasons)
+    assert any("head_dim" in r for r in triton_attention_unsupported(512, BF16, 16, "cuda"))
+    assert any("block size" in r for r in triton_attention_unsupported(128, BF16, 24, "cuda"))
+    if torch.cuda.is_available():
+        assert triton_attention_unsupported(128, BF16, 16, "cuda") == []
+        assert triton_attention_unsupported(64, FP16, 32, "cuda") == []
