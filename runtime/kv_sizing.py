@@ -64,8 +64,8 @@ def plan_num_blocks(
         free, total = torch.cuda.mem_get_info(device)
         budget = int(total * memory_fraction) - (total - free) - peak
         where = (
-            f"{memory_fraction:.0%} of {total / 2**30:.1f} GiB minus weights and a "
-            f"{peak / 2**30:.2f} GiB activation peak"
+            f"{memory_fraction:.0%} of {total / 2**30:.1f} GiB, minus {(total - free) / 2**30:.1f} GiB already in "
+            f"use (these weights, other engines or processes) and a {peak / 2**30:.2f} GiB activation peak"
         )
     else:
         budget = min(cpu_kv_cache_bytes, blocks_per_seq * max_batch_size * block_bytes)

@@ -25,13 +25,13 @@ def test_generate_equals_transformers_greedy(tmp_path: Path, device: str, archit
         ].tolist()
         for p in batch
     ]
-    llm = LLM(str(source), dtype="fp32", device=device, block_size=4)
+    llm = LLM(str(source), dtype="fp32", device=device, block_size=4, num_kv_blocks=128)
     outputs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
     assert [output.token_ids for output in outputs] == expected  # input order, token for token
 
 
 def test_text_prompts_stream_and_chat(tiny_llama_dir: Path) -> None:
-    llm = LLM(str(tiny_llama_dir), dtype="fp32")
+    llm = LLM(str(tiny_llama_dir), dtype="fp32", num_kv_blocks=128)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     (whole,) = llm.generate("The capital of France", params)
     deltas = list(llm.generate_stream("The capital of France", params))
@@ -44,7 +44,7 @@ def test_text_prompts_stream_and_chat(tiny_llama_dir: Path) -> None:
 
 
 def test_stop_strings_are_not_emitted(tiny_llama_dir: Path) -> None:
-    llm = LLM(str(tiny_llama_dir), dtype="fp32")
+    llm = LLM(str(tiny_llama_dir), dtype="fp32", num_kv_blocks=128)
     (free_run,) = llm.generate("A quick", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     stop = free_run.text[5:8]
     (stopped,) = llm.generate("A quick", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))
@@ -57,6 +57,6 @@ def test_bad_options_are_clear_errors(tiny_llama_dir: Path) -> None:
         LLM(str(tiny_llama_dir), max_batch=3)
     with pytest.raises(UserInputError, match="max_batch_size must be a positive integer"):
         LLM(str(tiny_llama_dir), max_batch_size=0)
-    llm = LLM(str(tiny_llama_dir), dtype="fp32")
+    llm = LLM(str(tiny_llama_dir), dtype="fp32", num_kv_blocks=128)
     with pytest.raises(UserInputError, match="2 sampling params for 3 prompts"):
         llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()])
