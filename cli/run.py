@@ -41,6 +41,7 @@ def run_command(
     kv_cache_memory_fraction: float = typer.Option(0.9, "--kv-cache-memory-fraction"),
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching"),
     attention_backend: str = typer.Option("auto", "--attention-backend", help="auto|torch|triton."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode steps from graphs."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write one JSON line per prompt here."),
     as_json: bool = typer.Option(False, "--json", help="Print all results as one JSON document on stdout."),
 ) -> None:
@@ -77,6 +78,7 @@ def run_command(
             kv_cache_memory_fraction=kv_cache_memory_fraction,
             enable_prefix_caching=prefix_caching,
             attention_backend=attention_backend,
+            enable_cuda_graphs=cuda_graphs,
         )
     load_seconds = time.perf_counter() - start
     token_prompts = [_encode(llm, item, chat) for item in items]

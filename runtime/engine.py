@@ -13,6 +13,7 @@ from kiln.core.dtypes import torch_dtype
 from kiln.core.errors import UserInputError
 from kiln.kernels.attention_backends import select_attention_backend
 from kiln.models.loader import load_model
+from kiln.runtime.cuda_graphs import DecodeGraphs, default_bucket_sizes
 from kiln.runtime.engine_config import EngineConfig, resolve_device
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import plan_num_blocks
@@ -39,6 +40,7 @@ class EngineLimits:
     attention_backend: str
     device: str
     dtype: str
+    cuda_graph_batch_sizes: tuple[int, ...] = ()  # decode batch sizes replayed from CUDA graphs
 
 
 class LLMEngine:
@@ -62,6 +64,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.model_config, self.kv_cache, self.limits.num_kv_blocks, config.block_size, backend
         )
+        if config.enable_cuda_graphs and backend.name == "triton":
+            self.runner.decode_graphs = self._capture_decode_graphs(device)
         self.scheduler = Scheduler(self.kv_cache, self.limits.max_batch_size, self.limits.max_num_tokens)
         self.groups: dict[str, RequestGroup] = {}
         self._group_by_sample: dict[str, RequestGroup] = {}
@@ -72,6 +76,19 @@ class LLMEngine:
     def runner_dtype(self) -> torch.dtype:
         """The dtype the weights and KV cache use."""
         return next(self.model.parameters()).dtype
+
+    def _capture_decode_graphs(self, device: torch.device) -> DecodeGraphs:
+        limits = self.limits
+        graphs = DecodeGraphs(
+            self.model,
+            default_bucket_sizes(limits.max_batch_size),
+            max_blocks_per_seq=-(-limits.max_seq_len // limits.block_size),
+            capture_seq_len=limits.max_seq_len,
+            device=device,
+        )
+        graphs.capture()
+        self.limits = EngineLimits(**{**limits.__dict__, "cuda_graph_batch_sizes": tuple(graphs.bucket_sizes)})
+        return graphs
 
     def _resolve_limits(self, device: torch.device) -> EngineLimits:
         config, model_config = self.config, self.model_config

@@ -22,6 +22,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fix the KV cache size instead of measuring it
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
+    enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA with the Triton backend)
     seed: int = 0  # seeds the requests that bring none, so whole runs reproduce
 
     def __post_init__(self) -> None:

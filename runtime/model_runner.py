@@ -16,6 +16,7 @@ from kiln.kernels.attention import AttentionMetadata
 from kiln.kernels.attention_backends import AttentionBackend
 from kiln.models.config import ModelConfig
 from kiln.models.layers import Attention
+from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import Sampler, SamplingBatch, suppress_tokens
@@ -73,6 +74,7 @@ class ModelRunner:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None  # set by the engine after capture (CUDA + Triton only)
         self.attention_layers = [module for module in model.modules() if isinstance(module, Attention)]
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         for layer in self.attention_layers:
@@ -86,6 +88,19 @@ class ModelRunner:
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         """Run one step: forward over the flat batch, then sample for the chunks that end their tokens."""
         batch = self._pack(scheduled.chunks)
+        hidden = self._forward(batch)  # [num_tokens, hidden]
+        output = RunnerOutput()
+        self._prompt_logprobs(scheduled.chunks, hidden, output)
+        if batch.sample_rows:
+            self._sample(hidden, batch, output)
+        return output
+
+    def _forward(self, batch: _FlatBatch) -> torch.Tensor:
+        """Replay a captured graph for pure decode steps that fit one; run eagerly otherwise."""
+        graphs = self.decode_graphs
+        is_decode = len(batch.input_ids) == len(batch.query_lens)  # one new token per sequence
+        if graphs is not None and is_decode and graphs.can_run(len(batch.input_ids)):
+            return graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables)
         metadata = AttentionMetadata.build(
             query_lens=batch.query_lens,
             seq_lens=batch.seq_lens,
@@ -95,12 +110,7 @@ class ModelRunner:
         )
         input_ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions, metadata)  # [num_tokens, hidden]
-        output = RunnerOutput()
-        self._prompt_logprobs(scheduled.chunks, hidden, output)
-        if batch.sample_rows:
-            self._sample(hidden, batch, output)
-        return output
+        return self.model(input_ids, positions, metadata)
 
     def _pack(self, chunks: list[ScheduledChunk]) -> _FlatBatch:
         batch = _FlatBatch()

@@ -155,7 +155,9 @@ def test_prompt_logprobs_match_transformers(model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
-    engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", max_num_tokens=8, num_kv_blocks=128))  # chunked: logprobs across steps
+    engine = LLMEngine(
+        model_dir, EngineConfig(dtype="fp32", max_num_tokens=8, num_kv_blocks=128)
+    )  # chunked: logprobs across steps
     engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2, logprobs=3), request_id="p")
     output = run_to_completion(engine)["p"]
     assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(prompt)
@@ -187,8 +189,9 @@ def test_triton_engine_under_pressure_equals_the_reference(tmp_path: Path, prefi
         attention_backend="triton",
     )
     engine = LLMEngine(source, pressure)
-    assert engine.limits.attention_backend == "triton"
+    assert engine.limits.attention_backend == "triton" and engine.limits.cuda_graph_batch_sizes == (1, 2, 4, 6)
     results = run_staggered(engine, params)
+    assert engine.runner.decode_graphs.num_replays > 0  # decode steps ran from CUDA graphs
     assert engine.scheduler.stats.num_preemptions > 0
     assert engine.kv_cache.num_free_blocks == pressure.num_kv_blocks - 1
     del engine

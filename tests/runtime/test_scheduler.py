@@ -111,3 +111,11 @@ def test_stop_token_respects_min_tokens_and_ignore_eos() -> None:
     step(scheduler, token=5)  # a stop token at the second output token
     assert request.finish_reason == "stop" and request.stop_reason == 5
     assert kv.num_free_blocks == 15
+
+
+def test_cuda_graph_buckets_cover_every_batch_size() -> None:
+    from kiln.runtime.cuda_graphs import default_bucket_sizes
+
+    assert default_bucket_sizes(6) == [1, 2, 4, 6]
+    assert default_bucket_sizes(256)[:12] == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80]
+    assert default_bucket_sizes(256)[-1] == 256 and default_bucket_sizes(300)[-2:] == [256, 300]

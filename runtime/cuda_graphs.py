@@ -1,0 +1,114 @@
+"""CUDA graphs for decode steps: one captured forward per batch-size bucket, replayed every step.
+
+A decode step (every sequence brings one token) launches hundreds of small kernels; replaying a
+graph removes their launch gaps. A step of B sequences runs the graph of the smallest bucket >= B,
+padded: padding rows store nothing (slot -1) and attend to the null block 0, and their outputs are
+dropped. The metadata buffers are preallocated once for the largest bucket and never reallocated
+after capture (a graph replays fixed addresses): each step only copies new values into them.
+"""
+
+import bisect
+import logging
+
+import torch
+from torch import nn
+
+from kiln.kernels.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+NULL_BLOCK_ID = 0
+
+
+def default_bucket_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, and max_batch_size itself."""
+    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 257, 16))
+    return sorted({size for size in sizes if size < max_batch_size} | {max_batch_size})
+
+
+class DecodeGraphs:
+    """Captured decode forwards of a model, one per batch-size bucket."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bucket_sizes: list[int],
+        max_blocks_per_seq: int,
+        capture_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.bucket_sizes = sorted(bucket_sizes)
+        self.max_batch_size = self.bucket_sizes[-1]
+        self.capture_seq_len = capture_seq_len  # the context the decode kernel's split count is chosen for
+        size = self.max_batch_size
+        # Static inputs, written in place before each replay; never reallocated after capture.
+        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
+        self.positions = torch.zeros(size, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((size, max_blocks_per_seq), NULL_BLOCK_ID, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(size + 1, dtype=torch.int32, device=device)  # one query per sequence
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_replays = 0
+
+    def _metadata(self, batch_size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens_q[: batch_size + 1],
+            seq_lens=self.seq_lens[:batch_size],
+            slot_mapping=self.slot_mapping[:batch_size],
+            block_tables=self.block_tables[:batch_size],
+            cu_seqlens_q_host=list(range(batch_size + 1)),
+            # Host view used only to size the decode kernel's splits: fixed at capture for the longest context.
+            seq_lens_host=[self.capture_seq_len] * batch_size,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, sharing one memory pool."""
+        pool = None
+        for batch_size in reversed(self.bucket_sizes):
+            metadata = self._metadata(batch_size)
+            args = (self.input_ids[:batch_size], self.positions[:batch_size], metadata)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up off the capture: compiles Triton kernels for this shape
+                for _ in range(2):
+                    self.model(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(*args)  # [batch_size, hidden], lives in the graph's pool
+            pool = graph.pool()
+            self._graphs[batch_size] = (graph, hidden)
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.bucket_sizes)
+
+    def can_run(self, batch_size: int) -> bool:
+        """Whether a decode step of this many sequences has a graph."""
+        return 0 < batch_size <= self.max_batch_size and bool(self._graphs)
+
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """Replay the bucket's graph for this decode batch; returns hidden states [batch_size, hidden]."""
+        batch_size = len(input_ids)
+        bucket = self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, batch_size)]
+        padding = bucket - batch_size
+        width = self.block_tables.shape[1]
+        self.input_ids[:bucket].copy_(torch.tensor(input_ids + [0] * padding))
+        self.positions[:bucket].copy_(torch.tensor(positions + [0] * padding))
+        self.slot_mapping[:bucket].copy_(torch.tensor(slot_mapping + [-1] * padding))
+        self.seq_lens[:bucket].copy_(torch.tensor(seq_lens + [1] * padding, dtype=torch.int32))
+        rows = [row + [NULL_BLOCK_ID] * (width - len(row)) for row in block_tables]
+        rows += [[NULL_BLOCK_ID] * width] * padding
+        self.block_tables[:bucket].copy_(torch.tensor(rows, dtype=torch.int32))
+        graph, hidden = self._graphs[bucket]
+        graph.replay()
+        self.num_replays += 1
+        return hidden[:batch_size]
