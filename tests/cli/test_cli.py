@@ -165,3 +165,32 @@ def test_run_builtin_uses_the_cached_checkpoint(builtin_checkpoint: Path, tmp_pa
     assert code == 0
     report = json.loads(out)
     assert report["model_dir"] == str(cached) and "Paris" in report["results"][0]["text"]
+
+
+def test_run_prompts_file_and_output_jsonl(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "The capital"})
+        + "\n\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    code, _, err = invoke(
+        capsys, "run", str(tiny_checkpoint), "--prompts-file", str(prompts), "-o", str(out), "--max-tokens", "4"
+    )
+    assert code == 0 and "2 request(s)" in err and "tok/s" in err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == ["The capital", [{"role": "user", "content": "hi"}]]
+    assert all(1 <= len(r["token_ids"]) <= 4 for r in records)
+
+    text_file = tmp_path / "prompts.txt"
+    text_file.write_text("first prompt\n\nsecond prompt\n")
+    code, out_text, _ = invoke(capsys, "run", str(tiny_checkpoint), "--prompts-file", str(text_file), "--json")
+    assert code == 0 and [r["prompt"] for r in json.loads(out_text)["results"]] == ["first prompt", "second prompt"]
+
+    prompts.write_text('{"prompt": "ok"}\n{"text": 3}\n')
+    code, _, err = invoke(capsys, "run", str(tiny_checkpoint), "--prompts-file", str(prompts))
+    assert code == 2 and "prompts.jsonl:2: each line needs" in err
+    code, _, err = invoke(capsys, "run", str(tiny_checkpoint))
+    assert code == 2 and "no prompts" in err
