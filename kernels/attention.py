@@ -141,6 +141,9 @@ def reference_attention(
         if metadata.slot_mapping is None or metadata.block_tables is None:
             raise ValueError("attention with a KV cache needs slot_mapping and block_tables")
         store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if metadata.num_tokens == metadata.num_seqs and metadata.num_seqs > 1:
+            # Every sequence brings one token (decode): one batched computation instead of a loop.
+            return _decode_batched(q, k_cache, v_cache, metadata, scale, sliding_window)
     out = torch.empty_like(q)
     cu = metadata.cu_seqlens_q_host
     for i, context_len in enumerate(metadata.seq_lens_host):
@@ -154,6 +157,37 @@ def reference_attention(
             keys, values = k[start:end], v[start:end]
         out[start:end] = _attend(q[start:end], keys, values, scale, sliding_window)
     return out
+
+
+def _decode_batched(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One query per sequence over its cached context, all sequences at once, in fp32."""
+    # q: [num_seqs, num_heads, head_dim]; the block tables are padded with block 0, masked out below.
+    num_seqs, num_heads, _ = q.shape
+    max_len = max(metadata.seq_lens_host)
+    num_blocks = -(-max_len // k_cache.shape[1])
+    tables = metadata.block_tables[:, :num_blocks].long()  # [num_seqs, num_blocks]
+    group = num_heads // k_cache.shape[2]
+    keys = k_cache[tables].flatten(1, 2)[:, :max_len].float().repeat_interleave(group, dim=2)  # [B, L, H, D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_len].float().repeat_interleave(group, dim=2)
+    scores = torch.einsum("bhd,blhd->bhl", q.float(), keys) * scale  # [B, H, L]
+    k_pos = torch.arange(max_len, device=q.device)[None, :]  # [1, L]
+    lengths = metadata.seq_lens.long()[:, None]  # [B, 1]; the query sits at position length - 1
+    allowed = k_pos < lengths
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > lengths - 1 - sliding_window)
+    scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # Slots past a sequence's end were never written for it (padding block 0, stale or unset data):
+    # zero them, since a zero probability times a NaN would still be NaN.
+    values = values.masked_fill(~allowed[:, :, None, None], 0.0)
+    return torch.einsum("bhl,blhd->bhd", probs, values).to(q.dtype)
 
 
 def _attend(

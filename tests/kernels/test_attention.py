@@ -58,11 +58,15 @@ def test_prefill_without_cache_matches_naive(num_heads, num_kv_heads, sliding_wi
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("sliding_window", [None, 5])
-def test_with_cache_matches_naive(num_heads, num_kv_heads, sliding_window):
+@pytest.mark.parametrize(
+    "query_lens",
+    [[1, 1, 4, 3], [1, 1, 1, 1]],  # mixed: a decode, a first token, two chunks; all decodes: the batched path
+    ids=["mixed", "decode"],
+)
+def test_with_cache_matches_naive(num_heads, num_kv_heads, sliding_window, query_lens):
     """Each sequence has cached context and some new tokens; the new k/v are stored, then attended."""
     generator = torch.Generator().manual_seed(1)
     context_lens = [9, 1, 6, 12]  # after this step
-    query_lens = [1, 1, 4, 3]  # a decode, a first token, a chunk, a chunk
     block_tables = [[3, 0, 7], [5], [1, 9], [8, 2, 6]]
     num_blocks = 10
     shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
