@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kiln.core.dtypes import torch_dtype
+from kiln.core.dtypes import cpu_has_fast_half_precision, torch_dtype
 from kiln.core.errors import WeightMappingError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
 from kiln.models.config import ModelConfig
 from kiln.models.linear import check_shape
+from kiln.models.quantized_linear import QuantConfig, apply_quant_config
 from kiln.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,17 @@ def load_model(
         get_model_class(archs[0])  # an unsupported architecture is reported before its fields
     config = ModelConfig.from_hf_config(hf_config)
     model_class = get_model_class(config.architecture)
+    device = torch.device(device)
     if dtype is None:
         dtype = torch_dtype(config.torch_dtype) if config.torch_dtype else torch.float32
-    device = torch.device(device)
+        if device.type == "cpu" and dtype != torch.float32 and not cpu_has_fast_half_precision():
+            logger.info("computing in fp32: this CPU has no native %s matmul (the checkpoint stays as it is)", dtype)
+            dtype = torch.float32
+    quant_config = QuantConfig.from_hf_config(hf_config)
     with torch.device("meta"):
         model = model_class(config)
+        if quant_config is not None:
+            apply_quant_config(model, quant_config)  # ModelOpt checkpoint: quantized linear layers
     load_weights(model, iter_safetensors(find_weight_files(checkpoint_dir)), dtype, device)
     _move_buffers(model, device)
     logger.info("loaded %s (%s) from %s onto %s", config.architecture, dtype, checkpoint_dir, device)
@@ -74,26 +81,35 @@ def load_weights(
     skip = set()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         skip.add("lm_head.weight")  # the tied lm_head reuses the embedding table
+    renamed = getattr(model, "renamed_suffixes", {})
     # Expected shards per parameter: the fused ones list theirs, the others take one whole tensor.
-    expected = {name: set(getattr(param, "shard_ids", (None,))) for name, param in model.named_parameters()}
+    # Optional ones (an AWQ pre_quant_scale) may be absent; their module drops them after loading.
+    expected = {
+        name: set(getattr(param, "shard_ids", (None,)))
+        for name, param in model.named_parameters()
+        if not getattr(param, "optional", False)
+    }
+    optional = {name for name, param in model.named_parameters() if getattr(param, "optional", False)}
     filled: dict[str, set[Hashable]] = defaultdict(set)
     unused: list[str] = []
     problems: list[str] = []
     for source_name, tensor in named_tensors:
         if source_name in skip or source_name.endswith(_COMPUTED_SUFFIXES):
             continue
-        target, shard_id = _target_of(source_name, packed)
-        if target not in expected:
+        target, shard_id = _target_of(_renamed(source_name, renamed), packed)
+        if target not in expected and target not in optional:
             unused.append(source_name)
             continue
         if shard_id in filled[target]:
             problems.append(f"{source_name}: loaded twice")
             continue
-        converted = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and dtype else None)
+        param = model.get_parameter(target)  # looked up anew: loading replaces parameters
+        # Quantized tensors (fp8, packed int4) and their fp32 scales keep the checkpoint's dtype.
+        cast = dtype if tensor.is_floating_point() and dtype and not getattr(param, "keep_dtype", False) else None
+        converted = tensor.to(device=device, dtype=cast)
         # safetensors hands out views of the memory-mapped file: own the data, so that rewriting
         # the checkpoint later cannot change (or fault) a live model.
         tensor = converted.clone() if converted is tensor else converted
-        param = model.get_parameter(target)  # looked up anew: loading replaces parameters
         weight_loader = getattr(param, "weight_loader", None) or _assigning_loader(model, target)
         try:
             weight_loader(param, tensor, shard_id)
@@ -106,6 +122,17 @@ def load_weights(
         for shard_id in sorted(shard_ids - filled[name], key=str)
     ]
     _raise_if_mismatched(unused, missing, problems)
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
+
+
+def _renamed(source_name: str, renamed: dict[str, str]) -> str:
+    """Apply the model's suffix renames (a ModelOpt `k_proj.k_scale` belongs to `attn.k_scale`)."""
+    for suffix, replacement in renamed.items():
+        if source_name.endswith("." + suffix):
+            return source_name[: -len(suffix)] + replacement
+    return source_name
 
 
 def _assigning_loader(model: nn.Module, target: str):

@@ -1,0 +1,258 @@
+"""Linear layers that run ModelOpt-quantized checkpoints (FP8 W8A8, INT4 W4A16), PyTorch reference path.
+
+The layers hold the tensors exactly as ModelOpt exports them (see kiln.quantize.modelopt_quantize for
+the layout) and multiply by dequantizing in fp32. This is the CPU path and the oracle for the GPU
+kernels, so it mimics their numerics: FP8 also rounds the activation to E4M3 with its static
+`input_scale`, as the W8A8 GEMM must.
+
+Fused layers (qkv, gate_up) load one checkpoint tensor per shard, and ModelOpt gives each shard its
+own per-tensor FP8 `weight_scale`. We keep one scale per shard and never requantize: requantizing to
+the largest scale (vLLM's choice) rounds the fp8 weights a second time. Per-shard scales expand to a
+per-output-channel scale vector, which `torch._scaled_mm` takes as a row-wise scale on GPU. The
+shards' `input_scale` (one activation, so ModelOpt writes equal values) is reduced with max.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from kiln.core.errors import ConfigError, WeightMappingError
+from kiln.models.layers import Attention
+from kiln.models.linear import LinearBase, LoadableModule, check_shape
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SUPPORTED_QUANT_ALGOS = ("FP8", "W4A16_AWQ")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """config.json `quantization_config` of a ModelOpt checkpoint (quant_method "modelopt")."""
+
+    quant_algo: str  # FP8, W4A16_AWQ or MIXED_PRECISION
+    kv_cache_quant_algo: str | None = None
+    ignore: tuple[str, ...] = ()  # HF module names / patterns left unquantized
+    layer_algos: dict[str, str] = field(default_factory=dict)  # MIXED_PRECISION: HF module -> algo
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict) -> QuantConfig | None:
+        """None for an unquantized config; ConfigError for a quantization kiln cannot run."""
+        qc = hf_config.get("quantization_config")
+        if not qc:
+            return None
+        method = qc.get("quant_method")
+        if method != "modelopt":
+            raise ConfigError(f"config.json: quant_method {method!r} is not supported (only 'modelopt')")
+        algo = qc.get("quant_algo")
+        layers = qc.get("quantized_layers") or {}
+        layer_algos = {name: entry.get("quant_algo") for name, entry in layers.items()}
+        algos = set(layer_algos.values()) if algo == "MIXED_PRECISION" else {algo}
+        unsupported = sorted(str(a) for a in algos if a not in SUPPORTED_QUANT_ALGOS)
+        if unsupported:
+            raise ConfigError(
+                f"config.json: quant_algo {', '.join(unsupported)} is not supported; "
+                f"kiln runs {', '.join(SUPPORTED_QUANT_ALGOS)}"
+            )
+        kv_algo = qc.get("kv_cache_quant_algo") or (qc.get("kv_cache_scheme") and "FP8")
+        if kv_algo not in (None, "FP8"):
+            raise ConfigError(f"config.json: kv_cache_quant_algo {kv_algo!r} is not supported (only FP8)")
+        ignore = tuple(qc.get("ignore") or qc.get("exclude_modules") or ())
+        return cls(algo, kv_algo, ignore, layer_algos)
+
+    def algo_for(self, hf_module_name: str) -> str | None:
+        """The quant algorithm of one HF linear module, or None if it stays unquantized."""
+        if self.quant_algo == "MIXED_PRECISION":
+            return self.layer_algos.get(hf_module_name)
+        for pattern in self.ignore:
+            if fnmatch.fnmatch(hf_module_name, pattern) or hf_module_name.startswith(pattern + "."):
+                return None
+            if hf_module_name == pattern:
+                return None
+        return self.quant_algo
+
+
+def apply_quant_config(model: nn.Module, quant_config: QuantConfig) -> None:
+    """Swap the (meta) linear layers of `model` for quantized ones, and add KV scales to attention."""
+    packed = getattr(model, "packed_modules_mapping", {})
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LinearBase):
+            algos = {quant_config.algo_for(hf) for hf in _hf_module_names(name, packed)}
+            if len(algos) > 1:
+                raise ConfigError(
+                    f"{name}: its fused projections are quantized differently ({sorted(map(str, algos))})"
+                )
+            algo = algos.pop()
+            if algo is not None:
+                layer_class = Fp8Linear if algo == "FP8" else Int4Linear
+                model.set_submodule(name, layer_class.like(module))
+        elif isinstance(module, Attention) and quant_config.kv_cache_quant_algo == "FP8":
+            for scale in ("k_scale", "v_scale"):
+                param = nn.Parameter(torch.empty((), dtype=torch.float32, device="meta"), requires_grad=False)
+                param.keep_dtype = True
+                setattr(module, scale, param)
+
+
+def _hf_module_names(name: str, packed: dict[str, tuple[str, Hashable]]) -> list[str]:
+    """HF module names that load into our module (`...qkv_proj` -> q_proj, k_proj, v_proj)."""
+    prefix, _, last = name.rpartition(".")
+    sources = [part for part, (fused, _) in packed.items() if fused == last]
+    return [f"{prefix}.{part}" if prefix else part for part in sources] or [name]
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round x to E4M3 under a per-tensor scale and back (what an FP8 activation or KV cache sees)."""
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out / 2, in] (rows 2r, 2r+1 in the low, high nibble) -> signed int8 [out, in]."""
+    low = (packed & 0x0F).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    pairs = torch.stack([low, high], dim=1)  # [out / 2, 2, in]
+    pairs = torch.where(pairs >= 8, pairs - 16, pairs)
+    return pairs.reshape(-1, packed.shape[-1])
+
+
+class QuantizedLinear(LoadableModule):
+    """Base of the quantized layers: shard offsets copied from the layer it replaces, bias unquantized."""
+
+    def __init__(self, input_size: int, output_partition_sizes: list[int], shards: dict | None, bias: bool) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_partition_sizes = list(output_partition_sizes)
+        self.output_size = sum(output_partition_sizes)
+        self.shards = shards  # shard id -> (row offset, rows); None when not fused
+        self.shard_ids = tuple(shards) if shards else None
+        if bias:
+            self.create_param("bias", self.output_size, shard_ids=self.shard_ids)
+        else:
+            self.bias = None
+
+    @classmethod
+    def like(cls, base: LinearBase) -> QuantizedLinear:
+        """A quantized layer of the same shape and shards as `base` (built on the ambient device)."""
+        shard_ids = getattr(base.weight, "shard_ids", None)
+        shards = {sid: base.shard_range("weight", sid) for sid in shard_ids} if shard_ids else None
+        return cls(base.input_size, base.output_partition_sizes, shards, base.bias is not None)
+
+    def create_quant_param(self, name: str, *shape: int) -> None:
+        """A parameter loaded with its checkpoint dtype (fp8, uint8, fp32 scales), never cast."""
+        self.keep_dtype_names = getattr(self, "keep_dtype_names", set()) | {name}
+        self.create_param(name, *shape, shard_ids=self.shard_ids)
+
+    def _attach(self, name: str, param: nn.Parameter, shard_ids: tuple[Hashable, ...] | None) -> None:
+        # Loading re-attaches parameters; the replacement must still tell the loader not to cast.
+        param.keep_dtype = name in getattr(self, "keep_dtype_names", ())
+        super()._attach(name, param, shard_ids)
+
+    def shard_range(self, name: str, shard_id: Hashable) -> tuple[int, int]:
+        """(offset, size) along dim 0 of one shard of a fused parameter."""
+        return self.shards[shard_id]
+
+
+class Fp8Linear(QuantizedLinear):
+    """W8A8 FP8: weight E4M3 [out, in], one weight_scale and input_scale per shard (fp32)."""
+
+    def __init__(self, input_size: int, output_partition_sizes: list[int], shards: dict | None, bias: bool) -> None:
+        super().__init__(input_size, output_partition_sizes, shards, bias)
+        num_shards = len(shards) if shards else 1
+        self.create_quant_param("weight", self.output_size, input_size)
+        self.create_quant_param("weight_scale", num_shards)
+        self.create_quant_param("input_scale", num_shards)
+
+    def shard_range(self, name: str, shard_id: Hashable) -> tuple[int, int]:
+        """Scales hold one entry per shard; weight and bias rows come from the fused layout."""
+        if name in ("weight_scale", "input_scale"):
+            return self.shard_ids.index(shard_id), 1
+        return super().shard_range(name, shard_id)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None) -> None:
+        """Per-tensor scales arrive as scalars; they fill one entry of the per-shard vector."""
+        if self._param_name(param) in ("weight_scale", "input_scale"):
+            check_shape(loaded.shape, () if loaded.dim() == 0 else (1,))
+            loaded = loaded.reshape(1)
+        super().weight_loader(param, loaded, shard_id)
+
+    def channel_scale(self) -> torch.Tensor:
+        """Per-output-channel weight scale [out] (each shard's scale repeated over its rows)."""
+        sizes = torch.tensor(self.output_partition_sizes, device=self.weight_scale.device)
+        return self.weight_scale.float().repeat_interleave(sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, in] -> [num_tokens, out]: fp8 activation x fp8 weight, fp32 accumulate."""
+        input_scale = self.input_scale.float().max()
+        x_q = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        out = (x_q.float() @ self.weight.float().T) * (input_scale * self.channel_scale())
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+
+class Int4Linear(QuantizedLinear):
+    """W4A16: int4 weight packed in uint8 [out / 2, in], scales [out, in / group], optional AWQ pre_quant_scale."""
+
+    def __init__(self, input_size: int, output_partition_sizes: list[int], shards: dict | None, bias: bool) -> None:
+        super().__init__(input_size, output_partition_sizes, shards, bias)
+        if any(size % 2 for size in self.output_partition_sizes):
+            raise ConfigError(f"int4 layer with odd output sizes {self.output_partition_sizes} cannot be packed")
+        self.create_quant_param("weight", self.output_size // 2, input_size)
+        # The group size is read from the checkpoint: this shape's second dim is fixed at load time.
+        self.create_quant_param("weight_scale", self.output_size, 1)
+        self.create_param("pre_quant_scale", input_size)  # absent for RTN and where folded into a norm
+        self.pre_quant_scale.optional = True
+
+    @property
+    def group_size(self) -> int:
+        """Input channels per scale group."""
+        return self.input_size // self.weight_scale.shape[1]
+
+    def shard_range(self, name: str, shard_id: Hashable) -> tuple[int, int]:
+        """Packed weight rows hold two output rows each."""
+        offset, size = super().shard_range(name, shard_id)
+        return (offset // 2, size // 2) if name == "weight" else (offset, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None) -> None:
+        """Fix the group size from the first scale tensor; fused shards must share one pre_quant_scale."""
+        name = self._param_name(param)
+        if name == "pre_quant_scale":
+            check_shape(loaded.shape, (self.input_size,))
+            if param.is_meta:
+                self._attach(name, nn.Parameter(loaded, requires_grad=False), None)
+            elif not torch.equal(param.data, loaded.to(param.dtype)):
+                raise WeightMappingError("fused shards carry different pre_quant_scale; kiln needs them equal")
+            return
+        if name == "weight_scale":
+            if loaded.dim() != 2 or self.input_size % loaded.shape[1]:
+                raise WeightMappingError(f"weight_scale {tuple(loaded.shape)} does not split input {self.input_size}")
+            if param.shape[1] != loaded.shape[1]:
+                if not param.is_meta:
+                    raise WeightMappingError("fused shards use different int4 group sizes")
+                shape = (self.output_size, loaded.shape[1])
+                self._attach(name, nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False), self.shard_ids)
+                param = self.weight_scale
+        super().weight_loader(param, loaded, shard_id)
+
+    def process_weights_after_loading(self) -> None:
+        """A pre_quant_scale the checkpoint does not have means none (RTN, or folded into the norm)."""
+        if self.pre_quant_scale is not None and self.pre_quant_scale.is_meta:
+            self.pre_quant_scale = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 [out, in] weight: int4 values times their group's scale."""
+        scale = self.weight_scale.float().repeat_interleave(self.group_size, dim=1)
+        return unpack_int4(self.weight).float() * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, in] -> [num_tokens, out]: (x * pre_quant_scale) W^T, fp32 accumulate."""
+        x32 = x.float()
+        if self.pre_quant_scale is not None:
+            x32 = x32 * self.pre_quant_scale.float()
+        out = x32 @ self.dequantized_weight().T
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
