@@ -7,7 +7,9 @@ import typer
 
 from kiln.cli.console import print_error, setup_logging
 from kiln.cli.convert import convert_command
+from kiln.cli.eval import eval_command
 from kiln.cli.inspect import inspect_command
+from kiln.cli.quantize import quantize_command
 from kiln.cli.run import run_command
 from kiln.core.errors import KilnError
 from kiln.core.version import __version__
@@ -20,6 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("convert")(convert_command)
+app.command("eval")(eval_command)
+app.command("quantize")(quantize_command)
 app.command("inspect")(inspect_command)
 app.command("run")(run_command)
 

@@ -8,10 +8,9 @@ from typing import Any
 
 import torch
 
-from kiln.core.artifact import is_artifact, load_artifact
+from kiln.core.artifact import parent_ref_for
 from kiln.core.dtypes import canonical_dtype_name
 from kiln.core.errors import ConfigError, UserInputError
-from kiln.core.hashing import sha256_bytes, sha256_file
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, open_safetensors, read_config_json
 from kiln.core.manifest import ParentRef
 
@@ -71,17 +70,7 @@ class HFDirSource:
             raise ConfigError(f"{path} is not valid JSON ({exc})") from exc
 
     def parent(self) -> ParentRef:
-        if is_artifact(self.model_dir):
-            artifact = load_artifact(self.model_dir)
-            return ParentRef(kind=artifact.manifest.kind, source=str(self.model_dir.absolute()), digest=artifact.digest)
-        # Not a kiln artifact: identify it by the content of the files that define the model.
-        listing = [f"config.json {sha256_file(self.model_dir / 'config.json')}"]
-        listing += [f"{path.name} {sha256_file(path)}" for path in self.weight_files]
-        return ParentRef(
-            kind="hf-dir",
-            source=str(self.model_dir.absolute()),
-            digest="sha256:" + sha256_bytes("\n".join(listing).encode()),
-        )
+        return parent_ref_for(self.model_dir)
 
     def _check_headers(self) -> None:
         # Opening reads and validates each header: a corrupt or truncated file fails here, before any work.

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from kiln.core.errors import ArtifactError, OutputExistsError
-from kiln.core.hashing import sha256_file
+from kiln.core.hashing import sha256_bytes, sha256_file
 from kiln.core.manifest import MANIFEST_NAME, FileEntry, Manifest, ParentRef, manifest_digest, parse_manifest
 from kiln.core.version import __version__
 
@@ -142,6 +142,21 @@ def load_artifact(path: Path, kind: str | None = None, verify: bool = False) -> 
     if problems:
         raise ArtifactError(f"{path} is damaged: " + "; ".join(problems) + ". Rebuild or re-copy the artifact")
     return Artifact(path=path, manifest=manifest, digest=manifest_digest(text))
+
+
+def parent_ref_for(model_dir: Path) -> ParentRef:
+    """How a child records a model directory it was made from: a kiln artifact by its manifest
+    digest, a plain Hugging Face directory by a digest over its config and weight files."""
+    from kiln.core.hf_checkpoint import find_weight_files
+
+    model_dir = Path(model_dir)
+    if is_artifact(model_dir):
+        artifact = load_artifact(model_dir)
+        return ParentRef(kind=artifact.manifest.kind, source=str(model_dir.absolute()), digest=artifact.digest)
+    listing = [f"config.json {sha256_file(model_dir / 'config.json')}"]
+    listing += [f"{path.name} {sha256_file(path)}" for path in find_weight_files(model_dir)]
+    digest = "sha256:" + sha256_bytes("\n".join(listing).encode())
+    return ParentRef(kind="hf-dir", source=str(model_dir.absolute()), digest=digest)
 
 
 def find_file_problems(path: Path, manifest: Manifest, verify: bool) -> list[str]:

@@ -39,3 +39,9 @@ class ArtifactError(KilnError):
     """An artifact directory is invalid: no manifest, wrong kind or schema, missing or tampered files."""
 
     exit_code = 2
+
+
+class QualityGateError(KilnError):
+    """A quantized model lost more quality than the gate allows; nothing was written."""
+
+    exit_code = 3

@@ -1,0 +1,88 @@
+"""`kiln quantize`: gated artifacts with calibration provenance and measured quality; the gate's failure path."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kiln import LLM, SamplingParams
+from kiln.cli.main import main
+from kiln.convert.stage import ConvertSpec, convert
+from kiln.core.artifact import load_artifact
+
+SMALL = ["--eval-seq-len", "128", "--eval-windows", "2", "--calib-size", "4", "--calib-seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quantize") / "tiny"
+    convert(ConvertSpec(source=str(tiny_llama_dir), output=out, dtype="bf16"))
+    return out
+
+
+def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, " ".join(captured.err.split())
+
+
+@pytest.mark.parametrize("fmt", ["int4-wo", "fp8"])
+def test_quantized_artifact_records_calibration_and_quality(tiny_checkpoint: Path, tmp_path: Path, capsys, fmt) -> None:
+    out = tmp_path / fmt
+    args = ["quantize", str(tiny_checkpoint), "-o", str(out), "--format", fmt, *SMALL]
+    code, stdout, err = invoke(capsys, *args, "--max-ppl-increase", "1000", "--json")
+    assert code == 0, err
+    manifest = load_artifact(out, kind="checkpoint", verify=True).manifest
+    assert json.loads(stdout)["manifest_digest"].startswith("sha256:")
+    assert manifest.parent.digest == load_artifact(tiny_checkpoint).digest
+    assert manifest.spec["format"] == fmt and manifest.model["quantization"] == fmt
+    quality = manifest.extra["quality"]
+    assert {"ppl_parent", "ppl", "ppl_increase_pct", "kl", "top1_agreement", "data_digest"} <= quality.keys()
+    assert quality["ppl"] > 0 and 0 <= quality["top1_agreement"] <= 1 and quality["kl"] >= 0
+    calibration = manifest.extra["calibration"]
+    assert calibration["data_digest"].startswith("sha256:") and calibration["seed"] == 0
+    assert calibration["samples"] == (0 if fmt == "int4-wo" else 4)  # RTN needs no calibration
+    assert (out / "hf_quant_config.json").is_file()
+    (result,) = LLM(str(out), num_kv_blocks=64).generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(result.token_ids) == 4
+
+
+@pytest.mark.slow
+def test_quality_gate_failure_exits_3_and_writes_nothing(builtin_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    # The real model: int4 round-to-nearest always costs it some perplexity (a random tiny model may not).
+    out = tmp_path / "gated"
+    args = ["quantize", str(builtin_checkpoint), "-o", str(out), "--format", "int4-wo", "--eval-windows", "1"]
+    code, _, err = invoke(capsys, *args, "--max-ppl-increase", "0")
+    assert code == 3
+    assert "quality gate failed: perplexity rose" in err and "Nothing was written" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".gated")]
+
+
+def test_bad_format_is_refused(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = invoke(capsys, "quantize", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--format", "int3")
+    assert code == 2 and "unknown quantization format 'int3'" in err
+
+
+@pytest.mark.slow
+def test_builtin_fp8_passes_its_gate_and_still_knows_paris(builtin_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "smollm2-fp8"
+    code, _, err = invoke(
+        capsys,
+        "quantize",
+        str(builtin_checkpoint),
+        "-o",
+        str(out),
+        "--format",
+        "fp8",
+        "--eval-windows",
+        "2",
+        "--calib-size",
+        "8",
+    )
+    assert code == 0, err
+    quality = load_artifact(out).manifest.extra["quality"]
+    assert quality["ppl_increase_pct"] <= 3.0  # the fp8 default gate
+    (answer,) = LLM(str(out)).chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0, max_tokens=24)
+    )
+    assert "Paris" in answer.text, answer.text
