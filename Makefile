@@ -6,12 +6,15 @@ PROMPT ?= What is the capital of France?
 
 .PHONY: demo test setup clean
 
-# Main job on the built-in model: convert SmolLM2-135M-Instruct (GGUF) to a checkpoint, inspect it, run it.
+# Main job on the built-in model: convert SmolLM2-135M-Instruct (GGUF) to a checkpoint, inspect it,
+# run it, quantize it to FP8 (calibrated, quality-gated) and run that too.
 demo:
 	@scripts/setup_venv.sh
 	$(KILN) convert builtin:smollm2-135m -o $(OUT)/smollm2-135m --force
 	$(KILN) inspect $(OUT)/smollm2-135m --verify
 	$(KILN) run $(OUT)/smollm2-135m --prompt "$(PROMPT)" --max-tokens 48
+	$(KILN) quantize $(OUT)/smollm2-135m -o $(OUT)/smollm2-135m-fp8 --format fp8 --calib-size 8 --eval-windows 2 --force
+	$(KILN) run $(OUT)/smollm2-135m-fp8 --prompt "$(PROMPT)" --max-tokens 48
 
 # The test suite (CPU; GPU tests skip without CUDA).
 test:
