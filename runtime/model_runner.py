@@ -82,7 +82,7 @@ class ModelRunner:
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.attention_fn = backend.forward
-        logger.info("KV cache: %d blocks of %d tokens, attention backend %s", num_blocks, block_size, backend.name)
+        logger.debug("KV cache: %d blocks of %d tokens, attention backend %s", num_blocks, block_size, backend.name)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
