@@ -11,7 +11,7 @@ import torch
 from kiln.convert.source import ConversionSource, open_source
 from kiln.core.artifact import Artifact, ArtifactWriter, check_output_dir, load_artifact
 from kiln.core.dtypes import canonical_dtype_name, hf_dtype_string, torch_dtype
-from kiln.core.errors import UnsupportedArchitectureError
+from kiln.core.errors import UnsupportedArchitectureError, UserInputError
 from kiln.core.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter
 from kiln.models.config import ModelConfig
 from kiln.models.loader import check_tensor_coverage
@@ -70,6 +70,12 @@ def convert(spec: ConvertSpec) -> Artifact:
 
 def check_architecture(hf_config: dict[str, Any]) -> str:
     """The config's architecture if kiln implements it; otherwise a clear refusal listing ours."""
+    if hf_config.get("quantization_config"):
+        method = hf_config["quantization_config"].get("quant_method", "unknown")
+        raise UserInputError(
+            f"this checkpoint is already quantized ({method}); `kiln run` loads it as it is, "
+            "and `kiln convert` only takes unquantized checkpoints"
+        )
     architectures = hf_config.get("architectures") or []
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
     if not architectures:

@@ -157,3 +157,12 @@ def test_unreadable_gguf_file(tmp_path: Path, capsys) -> None:
     code, message = run_convert(path, tmp_path / "out", capsys)
     assert code == 2 and "model.gguf is not a readable GGUF file" in message
     assert_nothing_written(tmp_path / "out")
+
+
+def test_quantized_checkpoint_is_refused(model_copy: Path, tmp_path: Path, capsys) -> None:
+    config = json.loads((model_copy / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8"}
+    (model_copy / "config.json").write_text(json.dumps(config))
+    code, message = run_convert(model_copy, tmp_path / "out", capsys)
+    assert code == 2 and "already quantized (modelopt)" in message
+    assert_nothing_written(tmp_path / "out")
