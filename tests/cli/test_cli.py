@@ -6,25 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from kiln.cli.main import main
-from kiln.convert.stage import ConvertSpec, convert
+from cli_runner import invoke
 
 KILN = [sys.executable, "-m", "kiln.cli.main"]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "tiny"
-    convert(ConvertSpec(source=str(tiny_llama_dir), output=out, dtype="bf16"))
-    return out
-
-
-def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 def test_console_script_convert_json(tiny_llama_dir: Path, tmp_path: Path) -> None:

@@ -6,16 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from kiln.cli.main import main
+from cli_runner import invoke
 
 SMALL = ["--seq-len", "64", "--max-windows", "2", "--device", "cpu"]
-
-
-def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 def test_json_report(tiny_llama_dir: Path, capsys) -> None:

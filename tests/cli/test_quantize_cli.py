@@ -4,29 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_runner import invoke
 
 from kiln import LLM, SamplingParams
-from kiln.cli.main import main
-from kiln.convert.stage import ConvertSpec, convert
 from kiln.core.artifact import load_artifact
 
 # A declared dependency (installed by `make test`); machines without it (the GPU image) skip these tests.
 pytest.importorskip("modelopt")
 
 SMALL = ["--eval-seq-len", "128", "--eval-windows", "2", "--calib-size", "4", "--calib-seq-len", "64"]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quantize") / "tiny"
-    convert(ConvertSpec(source=str(tiny_llama_dir), output=out, dtype="bf16"))
-    return out
-
-
-def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())
 
 
 @pytest.mark.parametrize("fmt", ["int4-wo", "fp8"])
@@ -51,7 +37,9 @@ def test_quantized_artifact_records_calibration_and_quality(tiny_checkpoint: Pat
 
 
 @pytest.mark.slow
-def test_builtin_quality_gate_failure_exits_3_and_writes_nothing(builtin_checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_builtin_quality_gate_failure_exits_3_and_writes_nothing(
+    builtin_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
     # The real model: int4 round-to-nearest always costs it some perplexity (a random tiny model may not).
     out = tmp_path / "gated"
     args = ["quantize", str(builtin_checkpoint), "-o", str(out), "--format", "int4-wo", "--eval-windows", "1"]
