@@ -127,8 +127,11 @@ def choose_group_sizes(model: torch.nn.Module, group_size: int) -> dict[str, int
         if module.out_features % 2:
             raise UserInputError(f"{name}: output dim {module.out_features} is odd; int4 needs it even (use fp8)")
         if size != group_size:
-            logger.info("%s: input dim %d -> group size %d", name, module.in_features, size)
+            logger.debug("%s: input dim %d -> group size %d", name, module.in_features, size)
         chosen[name] = size
+    reduced = sum(size != group_size for size in chosen.values())
+    if reduced:
+        logger.info("%d of %d layers use groups below %d to divide their input dim", reduced, len(chosen), group_size)
     return chosen
 
 
