@@ -1,7 +1,9 @@
 """Where the CLI writes: results to stdout, progress and errors to stderr (so --json output stays clean)."""
 
+import json
 import logging
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -22,11 +24,12 @@ def setup_logging(verbose: bool) -> None:
     transformers.logging.disable_progress_bar()
 
 
+def print_artifact_json(artifact: Any) -> None:
+    """The --json result of a stage that wrote an artifact: its path, manifest digest and manifest."""
+    report = {"output": str(artifact.path), "manifest_digest": artifact.digest, "manifest": artifact.manifest.to_dict()}
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+
+
 def print_error(message: str) -> None:
     """One red line on stderr."""
     stderr_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
-
-
-def is_interactive() -> bool:
-    """Whether stdout is a terminal (tables and colours) rather than a pipe."""
-    return sys.stdout.isatty()

@@ -1,12 +1,11 @@
 """`kiln convert SRC -o OUT`: flags -> ConvertSpec -> convert stage."""
 
-import json
 import re
 from pathlib import Path
 
 import typer
 
-from kiln.cli.console import stderr_console, stdout_console
+from kiln.cli.console import print_artifact_json, stderr_console, stdout_console
 from kiln.core.errors import UserInputError
 from kiln.core.stage_options import resolve_options
 
@@ -58,12 +57,7 @@ def convert_command(
     with stderr_console.status(f"converting {source}"):
         artifact = convert(spec)
     if as_json:
-        result = {
-            "output": str(artifact.path),
-            "manifest_digest": artifact.digest,
-            "manifest": artifact.manifest.to_dict(),
-        }
-        typer.echo(json.dumps(result, indent=2))
+        print_artifact_json(artifact)
         return
     model = artifact.manifest.model
     total_bytes = sum(entry.bytes for entry in artifact.manifest.files)

@@ -1,11 +1,10 @@
 """`kiln quantize CKPT -o OUT --format FMT`: flags -> QuantizeSpec -> quantize stage."""
 
-import json
 from pathlib import Path
 
 import typer
 
-from kiln.cli.console import stderr_console, stdout_console
+from kiln.cli.console import print_artifact_json, stderr_console, stdout_console
 
 
 def quantize_command(
@@ -54,12 +53,7 @@ def quantize_command(
         artifact = quantize(spec)
     quality = artifact.manifest.extra["quality"]
     if as_json:
-        report = {
-            "output": str(artifact.path),
-            "manifest_digest": artifact.digest,
-            "manifest": artifact.manifest.to_dict(),
-        }
-        typer.echo(json.dumps(report, indent=2))
+        print_artifact_json(artifact)
         return
     stdout_console.print(
         f"[green]wrote[/] {artifact.path}  {fmt}: perplexity {quality['ppl_parent']:.3f} -> {quality['ppl']:.3f} "

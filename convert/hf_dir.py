@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from kiln.core.artifact import parent_ref_for
-from kiln.core.dtypes import canonical_dtype_name
-from kiln.core.errors import ConfigError, UserInputError
+from kiln.core.dtypes import KNOWN_DTYPE_SPELLINGS, canonical_dtype_name
+from kiln.core.errors import ConfigError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, open_safetensors, read_config_json
 from kiln.core.manifest import ParentRef
 
@@ -41,13 +41,10 @@ class HFDirSource:
         return dict(self._config)
 
     def source_dtype(self) -> str:
-        declared = self._config.get("dtype") or self._config.get("torch_dtype")
-        if declared:
-            try:
-                return canonical_dtype_name(str(declared))
-            except UserInputError:
-                pass  # an unusual value: fall back to what the tensors hold
-        return self._first_float_dtype()
+        declared = str(self._config.get("dtype") or self._config.get("torch_dtype") or "")
+        if declared.removeprefix("torch.").lower() in KNOWN_DTYPE_SPELLINGS:
+            return canonical_dtype_name(declared)
+        return self._first_float_dtype()  # absent or unusual: what the tensors hold decides
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter_safetensors(self.weight_files)

@@ -19,6 +19,10 @@ _ALIASES = {
 }
 
 
+# Every spelling canonical_dtype_name accepts (lower case, without "torch.").
+KNOWN_DTYPE_SPELLINGS = frozenset(DTYPE_BY_NAME) | frozenset(_ALIASES)
+
+
 def canonical_dtype_name(name: str) -> str:
     """Map any accepted spelling ("bfloat16", "bf16", "torch.bfloat16") to bf16/fp16/fp32."""
     key = name.removeprefix("torch.").lower()

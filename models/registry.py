@@ -17,11 +17,6 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(MODEL_CLASSES)
 
 
-def is_supported(architecture: str) -> bool:
-    """Whether kiln implements this architecture."""
-    return architecture in MODEL_CLASSES
-
-
 def get_model_class(architecture: str) -> type[nn.Module]:
     """The class implementing `architecture`; raises UnsupportedArchitectureError naming the supported."""
     try:
