@@ -39,6 +39,9 @@ def run_command(
     max_num_tokens: int | None = typer.Option(None, "--max-num-tokens", help="Token budget per step."),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
     kv_cache_memory_fraction: float = typer.Option(0.9, "--kv-cache-memory-fraction"),
+    kv_cache_dtype: str = typer.Option(
+        "auto", "--kv-cache-dtype", help="auto|fp8|bf16|fp16|fp32 (auto = fp8 when the checkpoint has KV scales)."
+    ),
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching"),
     attention_backend: str = typer.Option("auto", "--attention-backend", help="auto|torch|triton."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode steps from graphs."),
@@ -76,6 +79,7 @@ def run_command(
             max_num_tokens=max_num_tokens,
             max_seq_len=max_seq_len,
             kv_cache_memory_fraction=kv_cache_memory_fraction,
+            kv_cache_dtype=kv_cache_dtype,
             enable_prefix_caching=prefix_caching,
             attention_backend=attention_backend,
             enable_cuda_graphs=cuda_graphs,
@@ -159,6 +163,7 @@ def _summary(records: list[dict[str, Any]], seconds: float, load_seconds: float,
         "preemptions": llm.engine.scheduler.stats.num_preemptions,
         "device": limits.device,
         "dtype": limits.dtype,
+        "kv_cache_dtype": limits.kv_cache_dtype,
         "attention_backend": limits.attention_backend,
     }
 

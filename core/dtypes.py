@@ -4,6 +4,8 @@ import torch
 
 from kiln.core.errors import UserInputError
 
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn: FP8 weights, activations and KV caches saturate here
+
 DTYPE_BY_NAME: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,

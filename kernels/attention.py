@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from kiln.core.dtypes import FP8_E4M3_MAX
+
 
 @dataclass
 class AttentionMetadata:
@@ -91,7 +93,16 @@ class AttentionFunction(Protocol):
         sliding_window: int | None,
         k_cache: torch.Tensor | None = None,
         v_cache: torch.Tensor | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor: ...
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x / scale in the cache's dtype; an FP8 cache saturates at its largest finite value."""
+    if dtype == torch.float8_e4m3fn:
+        return (x.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(dtype)
+    return (x.float() / scale).to(dtype) if scale != 1.0 else x.to(dtype)
 
 
 def store_kv(
@@ -100,24 +111,29 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write new keys/values into the paged caches at `slot_mapping`; slots < 0 (padding) are skipped."""
+    """Write new keys/values into the paged caches at `slot_mapping`; slots < 0 (padding) are skipped.
+
+    The caches hold k / k_scale and v / v_scale (scales are 1 except for an FP8 cache).
+    """
     # k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim]
     flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_slots, num_kv_heads, head_dim]
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     # Boolean masking syncs with the device; acceptable for the reference path, not for kernels.
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    flat_k[slots] = k[valid].to(k_cache.dtype)
-    flat_v[slots] = v[valid].to(v_cache.dtype)
+    flat_k[slots] = to_cache_dtype(k[valid], k_cache.dtype, k_scale)
+    flat_v[slots] = to_cache_dtype(v[valid], v_cache.dtype, v_scale)
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """The first `context_len` cached entries of one sequence: [context_len, num_kv_heads, head_dim]."""
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, context_len: int, scale: float = 1.0) -> torch.Tensor:
+    """The first `context_len` cached entries of one sequence, fp32 and rescaled: [context_len, kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = -(-context_len // block_size)
     blocks = cache[block_table[:num_blocks].long()]  # [num_blocks, block_size, num_kv_heads, head_dim]
-    return blocks.flatten(0, 1)[:context_len]
+    return blocks.flatten(0, 1)[:context_len].float() * scale
 
 
 def reference_attention(
@@ -130,20 +146,23 @@ def reference_attention(
     sliding_window: int | None,
     k_cache: torch.Tensor | None = None,
     v_cache: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) GQA attention of each sequence's new tokens over its context.
 
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
-    caches: [num_blocks, block_size, num_kv_heads, head_dim] or None. Returns q's shape.
+    caches: [num_blocks, block_size, num_kv_heads, head_dim] or None, holding k / k_scale and
+    v / v_scale (an FP8 cache's per-tensor scales). Returns q's shape.
     """
     use_cache = k_cache is not None and v_cache is not None
     if use_cache:
         if metadata.slot_mapping is None or metadata.block_tables is None:
             raise ValueError("attention with a KV cache needs slot_mapping and block_tables")
-        store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
         if metadata.num_tokens == metadata.num_seqs and metadata.num_seqs > 1:
             # Every sequence brings one token (decode): one batched computation instead of a loop.
-            return _decode_batched(q, k_cache, v_cache, metadata, scale, sliding_window)
+            return _decode_batched(q, k_cache, v_cache, metadata, scale, sliding_window, k_scale, v_scale)
     out = torch.empty_like(q)
     cu = metadata.cu_seqlens_q_host
     for i, context_len in enumerate(metadata.seq_lens_host):
@@ -151,8 +170,8 @@ def reference_attention(
         if end == start:
             continue
         if use_cache:
-            keys = gather_kv(k_cache, metadata.block_tables[i], context_len)
-            values = gather_kv(v_cache, metadata.block_tables[i], context_len)
+            keys = gather_kv(k_cache, metadata.block_tables[i], context_len, k_scale)
+            values = gather_kv(v_cache, metadata.block_tables[i], context_len, v_scale)
         else:
             keys, values = k[start:end], v[start:end]
         out[start:end] = _attend(q[start:end], keys, values, scale, sliding_window)
@@ -166,6 +185,8 @@ def _decode_batched(
     metadata: AttentionMetadata,
     scale: float,
     sliding_window: int | None,
+    k_scale: float,
+    v_scale: float,
 ) -> torch.Tensor:
     """One query per sequence over its cached context, all sequences at once, in fp32."""
     # q: [num_seqs, num_heads, head_dim]; the block tables are padded with block 0, masked out below.
@@ -174,8 +195,8 @@ def _decode_batched(
     num_blocks = -(-max_len // k_cache.shape[1])
     tables = metadata.block_tables[:, :num_blocks].long()  # [num_seqs, num_blocks]
     group = num_heads // k_cache.shape[2]
-    keys = k_cache[tables].flatten(1, 2)[:, :max_len].float().repeat_interleave(group, dim=2)  # [B, L, H, D]
-    values = v_cache[tables].flatten(1, 2)[:, :max_len].float().repeat_interleave(group, dim=2)
+    keys = k_cache[tables].flatten(1, 2)[:, :max_len].float().repeat_interleave(group, dim=2) * k_scale  # [B,L,H,D]
+    values = v_cache[tables].flatten(1, 2)[:, :max_len].float().repeat_interleave(group, dim=2) * v_scale
     scores = torch.einsum("bhd,blhd->bhl", q.float(), keys) * scale  # [B, H, L]
     k_pos = torch.arange(max_len, device=q.device)[None, :]  # [1, L]
     lengths = metadata.seq_lens.long()[:, None]  # [B, 1]; the query sits at position length - 1

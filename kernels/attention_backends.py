@@ -26,25 +26,32 @@ class AttentionBackend:
     forward: AttentionFunction
 
 
-def _triton_unsupported(head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device) -> list[str]:
+def _triton_unsupported(
+    head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device, kv_cache_dtype: torch.dtype
+) -> list[str]:
     if device.type != "cuda":
         return [f"device is {device.type}, Triton kernels need CUDA"]
     try:
         from kiln.kernels.triton_paged_attention import triton_attention_unsupported
     except ImportError as exc:  # no triton installed
         return [f"triton is not importable ({exc})"]
-    return triton_attention_unsupported(head_dim, dtype, block_size, device)
+    return triton_attention_unsupported(head_dim, dtype, block_size, device, kv_cache_dtype)
 
 
 def select_attention_backend(
-    requested: str, head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device
+    requested: str,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+    device: torch.device,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
     """The backend to use: `requested` if it can run (else a clear error), or the best one for `auto`."""
     if requested not in BACKEND_NAMES:
         raise UserInputError(f"attention backend must be one of {', '.join(BACKEND_NAMES)}, got {requested!r}")
     if requested == "torch":
         return AttentionBackend("torch", reference_attention)
-    reasons = _triton_unsupported(head_dim, dtype, block_size, device)
+    reasons = _triton_unsupported(head_dim, dtype, block_size, device, kv_cache_dtype or dtype)
     if not reasons:
         from kiln.kernels.triton_paged_attention import triton_paged_attention
 

@@ -35,6 +35,7 @@ def _decode_split_kernel(
     part_out_ptr,
     part_lse_ptr,
     scale_log2,
+    v_scale,
     sliding_window,
     group_size,
     head_dim,
@@ -100,6 +101,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
 
+    acc = acc * v_scale  # the cache holds v / v_scale (1 unless FP8); the merge below is linear in it
     if WRITE_OUT:  # a single split is the whole answer
         out = acc / l_i[:, None]
         o_ptrs = out_ptr + seq * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
@@ -164,8 +166,13 @@ def decode_attention(
     scale: float,
     sliding_window: int | None,
     num_splits: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """One query token per sequence: q, out [num_seqs, num_heads, head_dim]; writes `out`."""
+    """One query token per sequence: q, out [num_seqs, num_heads, head_dim]; writes `out`.
+
+    The caches hold k / k_scale and v / v_scale: k_scale folds into the softmax scale, v_scale into the output.
+    """
     # caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -183,7 +190,8 @@ def decode_attention(
         out,
         part_out,
         part_lse,
-        scale * math.log2(math.e),
+        scale * k_scale * math.log2(math.e),
+        v_scale,
         NO_WINDOW if sliding_window is None else sliding_window,
         group_size,
         head_dim,

@@ -6,6 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.core.dtypes import FP8_E4M3_MAX
+
+FP8_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -14,6 +18,8 @@ def _store_kv_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
+    inv_k_scale,
+    inv_v_scale,
     num_kv_heads,
     head_dim,
     stride_k_t,
@@ -29,6 +35,7 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     # One program per new token: all of its kv heads, [BLOCK_H, BLOCK_D].
     token = tl.program_id(0).to(tl.int64)
@@ -43,8 +50,13 @@ def _store_kv_kernel(
     v = tl.load(v_ptr + token * stride_v_t + h[:, None] * stride_v_h + d[None, :], mask=mask)
     k_dst = k_cache_ptr + block * stride_kc_b + offset * stride_kc_s + h[:, None] * stride_kc_h + d[None, :]
     v_dst = v_cache_ptr + block * stride_vc_b + offset * stride_vc_s + h[:, None] * stride_vc_h + d[None, :]
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    k = k.to(tl.float32) * inv_k_scale
+    v = v.to(tl.float32) * inv_v_scale
+    if IS_FP8:  # saturate like the reference: out-of-range values become +-448, never NaN
+        k = tl.clamp(k, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+        v = tl.clamp(v, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def store_kv_triton(
@@ -53,8 +65,13 @@ def store_kv_triton(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write k, v [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping` (< 0 skipped)."""
+    """Write k / k_scale, v / v_scale [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping`.
+
+    Slots < 0 are skipped. Reference: `attention.store_kv`.
+    """
     # caches: [num_blocks, block_size, num_kv_heads, head_dim]; only the last dim must be contiguous.
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
@@ -68,6 +85,8 @@ def store_kv_triton(
         k_cache,
         v_cache,
         slot_mapping,
+        1.0 / k_scale,
+        1.0 / v_scale,
         num_kv_heads,
         head_dim,
         k.stride(0),
@@ -79,6 +98,7 @@ def store_kv_triton(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        IS_FP8=k_cache.dtype == torch.float8_e4m3fn,
     )
 
 

@@ -19,7 +19,11 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256  # head_dim is padded to the next power of 
 
 
 def triton_attention_unsupported(
-    head_dim: int, dtype: torch.dtype, block_size: int, device: torch.device | str
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+    device: torch.device | str,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Reasons the Triton paged-attention path cannot run here; empty when it can."""
     reasons = []
@@ -31,7 +35,13 @@ def triton_attention_unsupported(
     if importlib.util.find_spec("triton") is None:
         reasons.append("needs the `triton` package, which is not installed")
     if dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"needs float16 or bfloat16 activations and cache, got {dtype}")
+        reasons.append(f"needs float16 or bfloat16 activations, got {dtype}")
+    kv_cache_dtype = kv_cache_dtype or dtype
+    if kv_cache_dtype == torch.float8_e4m3fn:
+        if reasons[:1] == [] and torch.cuda.get_device_capability(device) < (8, 9):
+            reasons.append("an FP8 KV cache needs a GPU with FP8 support (compute capability 8.9+)")
+    elif kv_cache_dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"needs a float16, bfloat16 or FP8 KV cache, got {kv_cache_dtype}")
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         reasons.append(f"needs head_dim in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1):
@@ -45,11 +55,13 @@ def triton_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write k, v [num_tokens, num_kv_heads, head_dim] into the paged caches; slots < 0 are skipped."""
+    """Write k / k_scale, v / v_scale [num_tokens, num_kv_heads, head_dim] into the paged caches (slots < 0 skipped)."""
     from kiln.kernels.triton_kv_store import store_kv_triton
 
-    store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def is_decode_step(metadata: AttentionMetadata) -> bool:
@@ -68,13 +80,16 @@ def triton_paged_attention(
     sliding_window: int | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """Store k/v at the step's slots, then causal GQA attention of the new queries over their contexts.
 
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]; caches
-    [num_blocks, block_size, num_kv_heads, head_dim]. Returns `out` (allocated if None) in q's shape
+    [num_blocks, block_size, num_kv_heads, head_dim] in the model's dtype or FP8 (holding k / k_scale and
+    v / v_scale). Returns `out` (allocated if None) in q's shape
     and dtype. `num_splits` fixes the decode kernel's KV splits (for CUDA graphs); None picks it from
     the batch's context lengths.
     """
@@ -89,7 +104,7 @@ def triton_paged_attention(
         q = q.contiguous()
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    triton_store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
+    triton_store_kv(k, v, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
     if metadata.num_tokens == 0:
         return out
     if is_decode_step(metadata):
@@ -100,12 +115,12 @@ def triton_paged_attention(
             num_splits = decode_num_splits(max_keys, metadata.num_seqs, k_cache.shape[2], q.device)
         decode_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, out,
-            scale=scale, sliding_window=sliding_window, num_splits=num_splits,
+            scale=scale, sliding_window=sliding_window, num_splits=num_splits, k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
     else:
         prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.cu_seqlens_q,
             metadata.cu_seqlens_q_host, metadata.seq_lens_host, out,
-            scale=scale, sliding_window=sliding_window,
+            scale=scale, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip
     return out

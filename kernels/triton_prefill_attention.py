@@ -29,6 +29,7 @@ def _prefill_kernel(
     tiles_ptr,
     num_tiles,
     scale_log2,
+    v_scale,
     sliding_window,
     group_size,
     head_dim,
@@ -95,7 +96,7 @@ def _prefill_kernel(
         m_i = m_new
 
     # Every real query sees at least itself, so l_i > 0 on the rows that are stored.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]  # the cache holds v / v_scale
     o_ptrs = out_ptr + tokens[:, None] * stride_o_t + head * stride_o_h + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -131,8 +132,13 @@ def prefill_attention(
     *,
     scale: float,
     sliding_window: int | None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Each sequence's new queries over its whole cached context: q, out [num_tokens, num_heads, head_dim]."""
+    """Each sequence's new queries over its whole cached context: q, out [num_tokens, num_heads, head_dim].
+
+    The caches hold k / k_scale and v / v_scale (1 unless FP8).
+    """
     # caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -157,7 +163,8 @@ def prefill_attention(
         cu_seqlens_q,
         tiles,
         num_tiles,
-        scale * math.log2(math.e),
+        scale * k_scale * math.log2(math.e),
+        v_scale,
         NO_WINDOW if sliding_window is None else sliding_window,
         num_heads // num_kv_heads,
         head_dim,

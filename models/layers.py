@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kiln.kernels.attention import AttentionFunction, AttentionMetadata, reference_attention
 from kiln.models.linear import LoadableModule
+from kiln.models.quantized_linear import fake_quant_fp8
 
 
 class RMSNorm(LoadableModule):
@@ -41,6 +42,8 @@ class Attention(torch.nn.Module):
 
     The runtime assigns `k_cache` / `v_cache` ([num_blocks, block_size, num_kv_heads, head_dim])
     per layer after allocating KV memory; until then (None) each sequence attends to its own new tokens.
+    A checkpoint calibrated for an FP8 KV cache adds `k_scale` / `v_scale` parameters (ModelOpt's
+    per-tensor scales); the runtime copies them into `kv_cache_scales` when it allocates an FP8 cache.
     """
 
     def __init__(
@@ -59,12 +62,24 @@ class Attention(torch.nn.Module):
         # The attention backend's function (same contract as reference_attention); the runtime swaps
         # in a faster one (Triton) when the device and shapes allow it.
         self.attention_fn: AttentionFunction = reference_attention
+        self.kv_cache_scales: tuple[float, float] = (1.0, 1.0)  # the cache holds k / k_scale, v / v_scale
+
+    def calibrated_kv_scales(self) -> tuple[float, float] | None:
+        """The checkpoint's FP8 KV-cache scales, or None when it has none."""
+        k_scale, v_scale = getattr(self, "k_scale", None), getattr(self, "v_scale", None)
+        if k_scale is None or v_scale is None:
+            return None
+        return float(k_scale), float(v_scale)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         """q [num_tokens, num_heads * head_dim], k/v [num_tokens, num_kv_heads * head_dim] -> like q."""
         num_tokens = q.shape[0]
+        k_scale, v_scale = self.kv_cache_scales
+        if self.k_cache is None and getattr(self, "k_scale", None) is not None:
+            # No cache (evaluation): round K and V as the FP8 cache the checkpoint was calibrated for would.
+            k, v = fake_quant_fp8(k, self.k_scale), fake_quant_fp8(v, self.v_scale)
         out = self.attention_fn(
             q.reshape(num_tokens, self.num_heads, self.head_dim),
             k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
@@ -74,5 +89,7 @@ class Attention(torch.nn.Module):
             sliding_window=self.sliding_window,
             k_cache=self.k_cache,
             v_cache=self.v_cache,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -15,7 +15,6 @@ from kiln.models.linear import (
     RowParallelLinear,
     VocabEmbedding,
 )
-from kiln.models.quantized_linear import fake_quant_fp8
 from kiln.models.rotary import RotaryEmbedding
 
 
@@ -49,9 +48,6 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        if getattr(self.attn, "k_scale", None) is not None:
-            # FP8 KV-cache scales (ModelOpt, post-rope): round K and V to E4M3 as the cache stores them.
-            k, v = fake_quant_fp8(k, self.attn.k_scale), fake_quant_fp8(v, self.attn.v_scale)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 

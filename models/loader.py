@@ -20,7 +20,7 @@ from kiln.core.errors import WeightMappingError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
 from kiln.models.config import ModelConfig
 from kiln.models.linear import check_shape
-from kiln.models.quantized_linear import QuantConfig, apply_quant_config
+from kiln.models.quant_config import QuantConfig, apply_quant_config
 from kiln.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)

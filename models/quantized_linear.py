@@ -1,9 +1,9 @@
-"""Linear layers that run ModelOpt-quantized checkpoints (FP8 W8A8, INT4 W4A16), PyTorch reference path.
+"""Linear layers that run ModelOpt-quantized checkpoints (FP8 W8A8, INT4 W4A16).
 
 The layers hold the tensors exactly as ModelOpt exports them (see kiln.quantize.modelopt_quantize for
-the layout) and multiply by dequantizing in fp32. This is the CPU path and the oracle for the GPU
-kernels, so it mimics their numerics: FP8 also rounds the activation to E4M3 with its static
-`input_scale`, as the W8A8 GEMM must.
+the layout) and multiply through `kernels.quantized_gemm`: FP8 tensor cores and a Triton W4A16 GEMM on
+GPUs, the fp32 reference (which also rounds the activation to E4M3 with its static `input_scale`, as
+the W8A8 GEMM must) elsewhere.
 
 Fused layers (qkv, gate_up) load one checkpoint tensor per shard, and ModelOpt gives each shard its
 own per-tensor FP8 `weight_scale`. We keep one scale per shard and never requantize: requantizing to
@@ -14,108 +14,19 @@ shards' `input_scale` (one activation, so ModelOpt writes equal values) is reduc
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from kiln.core.errors import ConfigError, WeightMappingError
-from kiln.models.layers import Attention
+from kiln.kernels.quantized_gemm import dequantize_int4, fp8_linear, int4_linear, quantize_fp8_reference
 from kiln.models.linear import LinearBase, LoadableModule, check_shape
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-SUPPORTED_QUANT_ALGOS = ("FP8", "W4A16_AWQ")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """config.json `quantization_config` of a ModelOpt checkpoint (quant_method "modelopt")."""
-
-    quant_algo: str  # FP8, W4A16_AWQ or MIXED_PRECISION
-    kv_cache_quant_algo: str | None = None
-    ignore: tuple[str, ...] = ()  # HF module names / patterns left unquantized
-    layer_algos: dict[str, str] = field(default_factory=dict)  # MIXED_PRECISION: HF module -> algo
-
-    @classmethod
-    def from_hf_config(cls, hf_config: dict) -> QuantConfig | None:
-        """None for an unquantized config; ConfigError for a quantization kiln cannot run."""
-        qc = hf_config.get("quantization_config")
-        if not qc:
-            return None
-        method = qc.get("quant_method")
-        if method != "modelopt":
-            raise ConfigError(f"config.json: quant_method {method!r} is not supported (only 'modelopt')")
-        algo = qc.get("quant_algo")
-        layers = qc.get("quantized_layers") or {}
-        layer_algos = {name: entry.get("quant_algo") for name, entry in layers.items()}
-        algos = set(layer_algos.values()) if algo == "MIXED_PRECISION" else {algo}
-        unsupported = sorted(str(a) for a in algos if a not in SUPPORTED_QUANT_ALGOS)
-        if unsupported:
-            raise ConfigError(
-                f"config.json: quant_algo {', '.join(unsupported)} is not supported; "
-                f"kiln runs {', '.join(SUPPORTED_QUANT_ALGOS)}"
-            )
-        kv_algo = qc.get("kv_cache_quant_algo") or (qc.get("kv_cache_scheme") and "FP8")
-        if kv_algo not in (None, "FP8"):
-            raise ConfigError(f"config.json: kv_cache_quant_algo {kv_algo!r} is not supported (only FP8)")
-        ignore = tuple(qc.get("ignore") or qc.get("exclude_modules") or ())
-        return cls(algo, kv_algo, ignore, layer_algos)
-
-    def algo_for(self, hf_module_name: str) -> str | None:
-        """The quant algorithm of one HF linear module, or None if it stays unquantized."""
-        if self.quant_algo == "MIXED_PRECISION":
-            return self.layer_algos.get(hf_module_name)
-        for pattern in self.ignore:
-            if fnmatch.fnmatch(hf_module_name, pattern) or hf_module_name.startswith(pattern + "."):
-                return None
-            if hf_module_name == pattern:
-                return None
-        return self.quant_algo
-
-
-def apply_quant_config(model: nn.Module, quant_config: QuantConfig) -> None:
-    """Swap the (meta) linear layers of `model` for quantized ones, and add KV scales to attention."""
-    packed = getattr(model, "packed_modules_mapping", {})
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LinearBase):
-            algos = {quant_config.algo_for(hf) for hf in _hf_module_names(name, packed)}
-            if len(algos) > 1:
-                raise ConfigError(
-                    f"{name}: its fused projections are quantized differently ({sorted(map(str, algos))})"
-                )
-            algo = algos.pop()
-            if algo is not None:
-                layer_class = Fp8Linear if algo == "FP8" else Int4Linear
-                model.set_submodule(name, layer_class.like(module))
-        elif isinstance(module, Attention) and quant_config.kv_cache_quant_algo == "FP8":
-            for scale in ("k_scale", "v_scale"):
-                param = nn.Parameter(torch.empty((), dtype=torch.float32, device="meta"), requires_grad=False)
-                param.keep_dtype = True
-                setattr(module, scale, param)
-
-
-def _hf_module_names(name: str, packed: dict[str, tuple[str, Hashable]]) -> list[str]:
-    """HF module names that load into our module (`...qkv_proj` -> q_proj, k_proj, v_proj)."""
-    prefix, _, last = name.rpartition(".")
-    sources = [part for part, (fused, _) in packed.items() if fused == last]
-    return [f"{prefix}.{part}" if prefix else part for part in sources] or [name]
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Round x to E4M3 under a per-tensor scale and back (what an FP8 activation or KV cache sees)."""
-    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * scale).to(x.dtype)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out / 2, in] (rows 2r, 2r+1 in the low, high nibble) -> signed int8 [out, in]."""
-    low = (packed & 0x0F).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    pairs = torch.stack([low, high], dim=1)  # [out / 2, 2, in]
-    pairs = torch.where(pairs >= 8, pairs - 16, pairs)
-    return pairs.reshape(-1, packed.shape[-1])
+    return (quantize_fp8_reference(x, scale).float() * scale).to(x.dtype)
 
 
 class QuantizedLinear(LoadableModule):
@@ -183,14 +94,20 @@ class Fp8Linear(QuantizedLinear):
         sizes = torch.tensor(self.output_partition_sizes, device=self.weight_scale.device)
         return self.weight_scale.float().repeat_interleave(sizes)
 
+    def process_weights_after_loading(self) -> None:
+        """Precompute the scales the GEMM takes, once (one host read, at load time, never per step)."""
+        self.gemm_input_scale = self.input_scale.float().max()  # 0-d fp32 on the weights' device
+        self.gemm_channel_scale = self.channel_scale().contiguous()
+        uniform = bool((self.weight_scale == self.weight_scale[0]).all())
+        self.gemm_tensor_weight_scale = self.weight_scale.float()[0].clone() if uniform else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in] -> [num_tokens, out]: fp8 activation x fp8 weight, fp32 accumulate."""
-        input_scale = self.input_scale.float().max()
-        x_q = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        out = (x_q.float() @ self.weight.float().T) * (input_scale * self.channel_scale())
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        if not hasattr(self, "gemm_input_scale"):
+            self.process_weights_after_loading()  # built directly (tests) rather than through the loader
+        return fp8_linear(
+            x, self.weight, self.gemm_input_scale, self.gemm_channel_scale, self.bias, self.gemm_tensor_weight_scale
+        )
 
 
 class Int4Linear(QuantizedLinear):
@@ -244,15 +161,8 @@ class Int4Linear(QuantizedLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [out, in] weight: int4 values times their group's scale."""
-        scale = self.weight_scale.float().repeat_interleave(self.group_size, dim=1)
-        return unpack_int4(self.weight).float() * scale
+        return dequantize_int4(self.weight, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in] -> [num_tokens, out]: (x * pre_quant_scale) W^T, fp32 accumulate."""
-        x32 = x.float()
-        if self.pre_quant_scale is not None:
-            x32 = x32 * self.pre_quant_scale.float()
-        out = x32 @ self.dequantized_weight().T
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        return int4_linear(x, self.weight, self.weight_scale, self.pre_quant_scale, self.bias)

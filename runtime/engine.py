@@ -12,9 +12,10 @@ import torch
 from kiln.core.dtypes import torch_dtype
 from kiln.core.errors import UserInputError
 from kiln.kernels.attention_backends import select_attention_backend
+from kiln.models.layers import Attention
 from kiln.models.loader import load_model
 from kiln.runtime.cuda_graphs import DecodeGraphs, default_bucket_sizes
-from kiln.runtime.engine_config import EngineConfig, resolve_device
+from kiln.runtime.engine_config import EngineConfig, resolve_device, resolve_kv_cache_dtype
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import plan_num_blocks
 from kiln.runtime.model_runner import ModelRunner, kv_cache_block_bytes
@@ -40,6 +41,7 @@ class EngineLimits:
     attention_backend: str
     device: str
     dtype: str
+    kv_cache_dtype: str
     cuda_graph_batch_sizes: tuple[int, ...] = ()  # decode batch sizes replayed from CUDA graphs
 
 
@@ -55,14 +57,30 @@ class LLMEngine:
         has_tokenizer = any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
         self.tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
         self.eos_token_ids = tuple(eos_token_ids(model_dir, self.tokenizer))
+        self.kv_cache_dtype = resolve_kv_cache_dtype(
+            config.kv_cache_dtype,
+            self.runner_dtype,
+            has_kv_scales=any(layer.calibrated_kv_scales() for layer in self._attention_layers()),
+        )
         self.limits = self._resolve_limits(device)
         self.kv_cache = KVCacheManager(self.limits.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         backend = select_attention_backend(
-            config.attention_backend, self.model_config.head_dim, self.runner_dtype, config.block_size, device
+            config.attention_backend,
+            self.model_config.head_dim,
+            self.runner_dtype,
+            config.block_size,
+            device,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         self.limits = EngineLimits(**{**self.limits.__dict__, "attention_backend": backend.name})
         self.runner = ModelRunner(
-            self.model, self.model_config, self.kv_cache, self.limits.num_kv_blocks, config.block_size, backend
+            self.model,
+            self.model_config,
+            self.kv_cache,
+            self.limits.num_kv_blocks,
+            config.block_size,
+            backend,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
         if config.enable_cuda_graphs and backend.name == "triton":
             self.runner.decode_graphs = self._capture_decode_graphs(device)
@@ -76,6 +94,9 @@ class LLMEngine:
     def runner_dtype(self) -> torch.dtype:
         """The dtype the weights and KV cache use."""
         return next(self.model.parameters()).dtype
+
+    def _attention_layers(self) -> list[Attention]:
+        return [module for module in self.model.modules() if isinstance(module, Attention)]
 
     def _capture_decode_graphs(self, device: torch.device) -> DecodeGraphs:
         limits = self.limits
@@ -100,7 +121,7 @@ class LLMEngine:
             )
         max_batch_size = config.max_batch_size or (256 if device.type == "cuda" else 32)
         max_num_tokens = config.max_num_tokens or (8192 if device.type == "cuda" else 2048)
-        block_bytes = kv_cache_block_bytes(model_config, config.block_size, self.runner_dtype)
+        block_bytes = kv_cache_block_bytes(model_config, config.block_size, self.kv_cache_dtype)
         num_kv_blocks = config.num_kv_blocks or plan_num_blocks(
             model=self.model,
             config=model_config,
@@ -126,6 +147,7 @@ class LLMEngine:
             attention_backend=config.attention_backend,
             device=str(device),
             dtype=str(self.runner_dtype).removeprefix("torch."),
+            kv_cache_dtype=str(self.kv_cache_dtype).removeprefix("torch."),
         )
 
     def add_request(

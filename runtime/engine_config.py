@@ -1,11 +1,18 @@
 """The engine's options, validated once; every field can come from flags, a YAML file or the API."""
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from kiln.core.dtypes import torch_dtype
 from kiln.core.errors import UserInputError
 from kiln.kernels.attention_backends import BACKEND_NAMES
+
+logger = logging.getLogger(__name__)
+
+
+KV_CACHE_DTYPES = ("auto", "fp8", "bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,7 @@ class EngineConfig:
     max_num_tokens: int | None = None  # tokens per step, prefill chunks and decodes together (8192 GPU, 2048 CPU)
     max_seq_len: int | None = None  # prompt + generated tokens per request (default: the model's context)
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto = fp8 when the checkpoint carries KV scales, else the model's dtype
     kv_cache_memory_fraction: float = 0.9  # of the GPU's memory, for weights + activations + KV cache
     num_kv_blocks: int | None = None  # fix the KV cache size instead of measuring it
     enable_prefix_caching: bool = True
@@ -38,6 +46,10 @@ class EngineConfig:
             raise UserInputError("num_kv_blocks must be at least 2 (block 0 is reserved)")
         if self.attention_backend not in BACKEND_NAMES:
             raise UserInputError(f"attention_backend must be one of {', '.join(BACKEND_NAMES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise UserInputError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.dtype not in ("auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
             raise UserInputError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
 
@@ -53,3 +65,17 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(f"device {device} asked for a GPU, but torch sees no CUDA device")
     return resolved
+
+
+def resolve_kv_cache_dtype(requested: str, model_dtype: torch.dtype, has_kv_scales: bool) -> torch.dtype:
+    """The KV cache's dtype: `auto` follows the checkpoint (FP8 when it was calibrated for it)."""
+    if requested == "auto":
+        return torch.float8_e4m3fn if has_kv_scales else model_dtype
+    if requested == "fp8":
+        if not has_kv_scales:
+            logger.warning(
+                "fp8 KV cache without calibrated scales: using scale 1.0; "
+                "`kiln quantize --kv-cache-dtype fp8` calibrates them"
+            )
+        return torch.float8_e4m3fn
+    return torch_dtype(requested)

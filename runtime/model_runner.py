@@ -55,6 +55,13 @@ def kv_cache_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtyp
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element_bytes
 
 
+def kv_cache_scales(layer: Attention, cache_dtype: torch.dtype) -> tuple[float, float]:
+    """(k_scale, v_scale) of one layer's cache: the checkpoint's for FP8, 1 for FP8 without any or other dtypes."""
+    if cache_dtype != torch.float8_e4m3fn:
+        return 1.0, 1.0
+    return layer.calibrated_kv_scales() or (1.0, 1.0)
+
+
 class ModelRunner:
     """Owns the model, its KV cache tensors and the sampler."""
 
@@ -66,6 +73,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         backend: AttentionBackend,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -73,15 +81,17 @@ class ModelRunner:
         self.block_size = block_size
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.kv_cache_dtype = kv_cache_dtype or self.dtype
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine after capture (CUDA + Triton only)
         self.attention_layers = [module for module in model.modules() if isinstance(module, Attention)]
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         for layer in self.attention_layers:
             # [num_blocks, block_size, num_kv_heads, head_dim] per layer; allocated once, never resized.
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             layer.attention_fn = backend.forward
+            layer.kv_cache_scales = kv_cache_scales(layer, self.kv_cache_dtype)
         logger.debug("KV cache: %d blocks of %d tokens, attention backend %s", num_blocks, block_size, backend.name)
 
     @torch.inference_mode()

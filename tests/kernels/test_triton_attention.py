@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ from kiln.kernels.triton_paged_attention import (
     triton_store_kv,
 )
 
-DEVICE = torch.device("cuda")  # the module-level device lets a developer run these in the interpreter
-BF16, FP16 = torch.bfloat16, torch.float16
+# KILN_TEST_DEVICE=cpu with TRITON_INTERPRET=1 runs these in the Triton interpreter (slow, for development).
+DEVICE = torch.device(os.environ.get("KILN_TEST_DEVICE", "cuda"))
+BF16, FP16, FP8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
 LLAMA3 = (32, 8, 128)  # num_heads, num_kv_heads, head_dim
 SMOLLM2 = (9, 3, 64)
 MHA = (8, 8, 128)
@@ -42,6 +44,7 @@ def make_case(
     dtype: torch.dtype,
     block_size: int,
     seed: int,
+    cache_dtype: torch.dtype | None = None,
 ) -> Case:
     """Random q/k/v and history; each sequence gets shuffled, non-contiguous block ids (block 0 unused)."""
     num_heads, num_kv_heads, head_dim = heads
@@ -62,25 +65,37 @@ def make_case(
     q, k, v = (t.view(num_tokens, -1, head_dim) for t in qkv.split(widths, dim=1))
     # One tensor holding K and V per block: the caches' block stride is twice their block's size.
     kv = torch.randn(num_blocks, 2, block_size, num_kv_heads, head_dim, generator=gen, device=DEVICE, dtype=dtype)
+    kv = kv.to(cache_dtype or dtype)
     metadata = AttentionMetadata.build(query_lens, seq_lens, DEVICE, slot_mapping=slots, block_tables=tables)
     return Case(q, k, v, kv[:, 0], kv[:, 1], metadata)
 
 
-def check_attention(case: Case, sliding_window: int | None, num_splits: int | None = None) -> None:
+def check_attention(
+    case: Case,
+    sliding_window: int | None,
+    num_splits: int | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
+) -> None:
     """Triton output and caches against the reference computed in fp32 on the same (rounded) inputs."""
     scale = 1 / math.sqrt(case.q.shape[-1])
-    k_cache_ref, v_cache_ref = case.k_cache.float(), case.v_cache.float()
+    fp8 = case.k_cache.dtype == FP8
+    # An FP8 cache stays FP8 for the reference (it quantizes the same way); others are widened to fp32.
+    k_cache_ref = case.k_cache.clone() if fp8 else case.k_cache.float()
+    v_cache_ref = case.v_cache.clone() if fp8 else case.v_cache.float()
+    k_scale, v_scale = kv_scales
     expected = reference_attention(
-        case.q.float(), case.k.float(), case.v.float(), case.metadata,
-        scale=scale, sliding_window=sliding_window, k_cache=k_cache_ref, v_cache=v_cache_ref,
+        case.q.float(), case.k.float(), case.v.float(), case.metadata, scale=scale, sliding_window=sliding_window,
+        k_cache=k_cache_ref, v_cache=v_cache_ref, k_scale=k_scale, v_scale=v_scale,
     )  # fmt: skip
     out = torch.full(case.q.shape, float("nan"), dtype=case.q.dtype, device=DEVICE)  # unwritten rows show
     result = triton_paged_attention(
         case.q, case.k, case.v, case.metadata, scale=scale, sliding_window=sliding_window,
-        k_cache=case.k_cache, v_cache=case.v_cache, out=out, num_splits=num_splits,
+        k_cache=case.k_cache, v_cache=case.v_cache, k_scale=k_scale, v_scale=v_scale, out=out, num_splits=num_splits,
     )  # fmt: skip
     assert result is out and out.dtype == case.q.dtype
-    assert torch.equal(case.k_cache.float(), k_cache_ref) and torch.equal(case.v_cache.float(), v_cache_ref)
+    assert torch.equal(case.k_cache.float(), k_cache_ref.float()) and torch.equal(
+        case.v_cache.float(), v_cache_ref.float()
+    )
     assert not out.isnan().any(), f"{out.isnan().any(-1).any(-1).sum()} token rows not written"
     error = out.float() - expected
     relative = (error.norm() / expected.norm()).item()
@@ -187,6 +202,30 @@ def test_mixed_decode_and_prefill(heads, dtype, sliding_window):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.05, 0.02)])
+def test_store_kv_fp8_matches_reference_exactly(kv_scales):
+    case = make_case([40, 1, 23], [40, 100, 60], LLAMA3, BF16, 16, seed=9, cache_dtype=FP8)
+    case.k[0, 0, :4] = torch.tensor([1e4, -1e4, 0.0, 3.0])  # out of range saturates at +-448 * scale
+    k_ref, v_ref = case.k_cache.clone(), case.v_cache.clone()
+    store_kv(case.k, case.v, k_ref, v_ref, case.metadata.slot_mapping, *kv_scales)
+    triton_store_kv(case.k, case.v, case.k_cache, case.v_cache, case.metadata.slot_mapping, *kv_scales)
+    assert torch.equal(case.k_cache.float(), k_ref.float()) and torch.equal(case.v_cache.float(), v_ref.float())
+    assert not k_ref.float().isnan().any() and k_ref.float().abs().max() == 448.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.5, 0.25)])
+def test_fp8_kv_cache_decode_and_prefill(kv_scales):
+    rng = random.Random(10)
+    decode_lens = random_lengths(rng, 16, 1, 3000)
+    case = make_case([1] * 16, decode_lens, LLAMA3, BF16, 16, seed=10, cache_dtype=FP8)
+    check_attention(case, None, kv_scales=kv_scales)
+    batch = [(1, 900), (300, 300), (64, 1000), (17, 17)]
+    case = make_case([q for q, _ in batch], [s for _, s in batch], SMOLLM2, BF16, 16, seed=11, cache_dtype=FP8)
+    check_attention(case, 256, kv_scales=kv_scales)
+
+
+@pytest.mark.gpu
 def test_mostly_decode_batch_uses_small_tiles():
     # Speculative-decoding-like steps: every sequence brings 1..16 tokens (16-query tiles).
     rng = random.Random(7)
@@ -211,6 +250,9 @@ def test_unsupported_reasons():
     assert any("float32" in r for r in fp32_reasons)
     assert any("head_dim" in r for r in triton_attention_unsupported(512, BF16, 16, "cuda"))
     assert any("block size" in r for r in triton_attention_unsupported(128, BF16, 24, "cuda"))
+    assert any("KV cache" in r for r in triton_attention_unsupported(128, BF16, 16, "cuda", torch.float32))
     if torch.cuda.is_available():
         assert triton_attention_unsupported(128, BF16, 16, "cuda") == []
+        fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+        assert (triton_attention_unsupported(128, BF16, 16, "cuda", FP8) == []) == fp8_ok
         assert triton_attention_unsupported(64, FP16, 32, "cuda") == []

@@ -1,0 +1,340 @@
+"""W4A16 GEMM in Triton: int4 weights dequantized in registers, 16-bit activations, fp32 accumulation.
+
+Works on ModelOpt's export layout directly (reference: `quantized_gemm.int4_linear_reference`):
+`packed` uint8 [N / 2, K] holds output rows 2r (low nibble) and 2r + 1 (high nibble) of a signed
+int4 weight; `scales` fp32 [N, K / group]; an optional AWQ `pre_quant_scale` [K] multiplies the
+activation first. A program computes a [BLOCK_M, BLOCK_N] output tile as two [BLOCK_M, BLOCK_N / 2]
+halves, even and odd output rows, so both nibbles of every loaded byte are used without shuffling
+registers. When a K tile lies inside one scale group, the group scale multiplies the fp32 partial
+product (a [BLOCK_M, BLOCK_N / 2] multiply) instead of every weight.
+
+Up to MAX_ROWS_FUSED rows (decode, small batches) the fused kernel runs with split-K, so that enough
+weight bytes are in flight to approach the memory bandwidth. Beyond that (prefill) the product is
+compute-bound: the weight is dequantized once into a 16-bit buffer and multiplied by cuBLAS.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _signed_nibbles(packed):
+    """uint8 -> (low, high) signed int4 values as int8 tensors."""
+    signed = packed.to(tl.int8, bitcast=True)
+    # Arithmetic shifts sign-extend: the low nibble moves to the top and back, the high one down.
+    return (signed << 4) >> 4, signed >> 4
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr,
+    w_ptr,
+    scales_ptr,
+    pre_quant_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    stride_os,
+    GROUP_SIZE: tl.constexpr,
+    HAS_PRE_QUANT_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)  # split-K: this program's share of K; partial sums land in out[split]
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] activation rows
+    pairs = pid_n * HALF_N + tl.arange(0, HALF_N)  # [HALF_N] packed weight rows (output rows 2p, 2p+1)
+    row_mask = rows < M
+    pair_mask = pairs < N // 2
+    even = 2 * pairs.to(tl.int64)
+    acc_even = tl.zeros([BLOCK_M, HALF_N], dtype=tl.float32)
+    acc_odd = tl.zeros([BLOCK_M, HALF_N], dtype=tl.float32)
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if HAS_PRE_QUANT_SCALE:
+            pqs = tl.load(pre_quant_scale_ptr + ks, mask=k_mask, other=0.0)
+            x = (x.to(tl.float32) * pqs[None, :]).to(x_ptr.dtype.element_ty)
+        w_mask = pair_mask[:, None] & k_mask[None, :]
+        packed = tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0)
+        low, high = _signed_nibbles(packed)  # [HALF_N, BLOCK_K] each
+        if GROUP_SIZE % BLOCK_K == 0:
+            # The whole K tile shares one scale column: scale the fp32 partial products.
+            group = k0 // GROUP_SIZE
+            s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
+            s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
+            w_even = low.to(x_ptr.dtype.element_ty)  # int4 values are exact in fp16/bf16
+            w_odd = high.to(x_ptr.dtype.element_ty)
+            acc_even += tl.dot(x, tl.trans(w_even)) * s_even[None, :]
+            acc_odd += tl.dot(x, tl.trans(w_odd)) * s_odd[None, :]
+        else:
+            # Groups smaller than the K tile: dequantize each weight with its own group's scale.
+            groups = ks // GROUP_SIZE
+            s_even = tl.load(scales_ptr + even[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
+            s_odd = tl.load(scales_ptr + (even + 1)[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
+            w_even = (low.to(tl.float32) * s_even).to(x_ptr.dtype.element_ty)
+            w_odd = (high.to(tl.float32) * s_odd).to(x_ptr.dtype.element_ty)
+            acc_even += tl.dot(x, tl.trans(w_even))
+            acc_odd += tl.dot(x, tl.trans(w_odd))
+    if HAS_BIAS:
+        acc_even += tl.load(bias_ptr + even, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
+        acc_odd += tl.load(bias_ptr + even + 1, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_mask[:, None] & pair_mask[None, :]
+    out_rows = out_ptr + split * stride_os + rows[:, None].to(tl.int64) * stride_om
+    tl.store(out_rows + even[None, :], acc_even.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_rows + (even + 1)[None, :], acc_odd.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    scales_ptr,
+    pre_quant_scale_ptr,
+    out_ptr,
+    N,
+    K,
+    k_per_split,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    stride_om,
+    stride_os,
+    NUM_ROWS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    HAS_PRE_QUANT_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # A few activation rows (decode): multiply-and-reduce on CUDA cores, with the weight tile kept in
+    # the layout it was loaded in (K fastest), so no shared-memory transpose sits between load and use.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    HALF_N: tl.constexpr = BLOCK_N // 2
+    pairs = pid_n * HALF_N + tl.arange(0, HALF_N)
+    pair_mask = pairs < N // 2
+    even = 2 * pairs.to(tl.int64)
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for m in tl.static_range(NUM_ROWS):
+        acc_even = tl.zeros([HALF_N], dtype=tl.float32)
+        acc_odd = tl.zeros([HALF_N], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            x = tl.load(x_ptr + m * stride_xm + ks, mask=k_mask, other=0.0).to(tl.float32)
+            if HAS_PRE_QUANT_SCALE:
+                x = x * tl.load(pre_quant_scale_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+            w_mask = pair_mask[:, None] & k_mask[None, :]
+            packed = tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0)
+            low, high = _signed_nibbles(packed)
+            if GROUP_SIZE % BLOCK_K == 0:
+                group = k0 // GROUP_SIZE
+                s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
+                s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
+                acc_even += tl.sum(low.to(tl.float32) * x[None, :], axis=1) * s_even
+                acc_odd += tl.sum(high.to(tl.float32) * x[None, :], axis=1) * s_odd
+            else:
+                groups = ks // GROUP_SIZE
+                s_even = tl.load(scales_ptr + even[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
+                s_odd = tl.load(scales_ptr + (even + 1)[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
+                acc_even += tl.sum(low.to(tl.float32) * s_even * x[None, :], axis=1)
+                acc_odd += tl.sum(high.to(tl.float32) * s_odd * x[None, :], axis=1)
+        out_row = out_ptr + split * stride_os + m * stride_om
+        tl.store(out_row + even, acc_even, mask=pair_mask)
+        tl.store(out_row + even + 1, acc_odd, mask=pair_mask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr,
+    scales_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_wn,
+    stride_sn,
+    stride_on,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # packed [N / 2, K] -> out [N, K] in the activations' dtype; a program does BLOCK_P packed rows.
+    pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (pairs < N // 2)[:, None] & (ks < K)[None, :]
+    even = 2 * pairs.to(tl.int64)
+    low, high = _signed_nibbles(tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=mask))
+    if GROUP_SIZE % BLOCK_K == 0:  # the tile lies in one group: one scale per row
+        group = tl.program_id(1) * BLOCK_K // GROUP_SIZE
+        s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pairs < N // 2, other=0.0)[:, None]
+        s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pairs < N // 2, other=0.0)[:, None]
+    else:
+        groups = ks // GROUP_SIZE
+        s_even = tl.load(scales_ptr + even[:, None] * stride_sn + groups[None, :], mask=mask, other=0.0)
+        s_odd = tl.load(scales_ptr + (even + 1)[:, None] * stride_sn + groups[None, :], mask=mask, other=0.0)
+    out_dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + even[:, None] * stride_on + ks[None, :], (low.to(tl.float32) * s_even).to(out_dtype), mask=mask)
+    tl.store(
+        out_ptr + (even + 1)[:, None] * stride_on + ks[None, :], (high.to(tl.float32) * s_odd).to(out_dtype), mask=mask
+    )
+
+
+# Above this many rows the product is compute-bound: dequantizing the weight once and running the
+# 16-bit tensor-core GEMM beats dequantizing it again in every output tile.
+MAX_ROWS_FUSED = 16
+MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core tile padding to 16 rows)
+# Tile and launch settings of the CUDA-core kernel and the dequantizer, module level so a tuning sweep
+# can change them. Swept on an H200 (bf16, group 128, Llama-3-8B shapes, 2026-11-28): 8 programs per
+# SM through split-K mattered most (gate_up at batch 1: 98 -> 51 us); the dequantizer reaches 3.4 TB/s.
+GEMV_CONFIG = {"block_n": 128, "num_warps": 8, "num_stages": 1, "programs_per_sm": 8}
+DEQUANT_CONFIG = {"block_p": 32, "block_k": 128, "num_warps": 8}
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _plan(num_rows: int, n: int, k: int, group_size: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, split_k) for the fused kernel.
+
+    Small batches read every weight byte once, so speed is bandwidth: enough bytes in flight needs
+    wide tiles (128 outputs x 128 inputs = 8 KB of packed weight per step) and about four programs
+    per SM, which split-K provides when N alone gives too few tiles.
+    """
+    block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
+    block_n = 128
+    # Power-of-two groups of >= 16 keep each K tile inside one group (the cheap path); tl.dot needs
+    # K tiles of at least 16. Other group sizes take the per-weight path.
+    is_power_of_two = group_size & (group_size - 1) == 0
+    block_k = min(128, group_size) if is_power_of_two and group_size >= 16 else 128
+    tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n)
+    k_steps = triton.cdiv(k, block_k)
+    split_k = max(1, min(4 * _num_sms(device) // tiles, k_steps))
+    return block_m, block_n, block_k, split_k
+
+
+def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight in `dtype` (reference: `quantized_gemm.dequantize_int4`, which is fp32)."""
+    n, k = packed.shape[0] * 2, packed.shape[1]
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    block_p, block_k = DEQUANT_CONFIG["block_p"], DEQUANT_CONFIG["block_k"]
+    grid = (triton.cdiv(n // 2, block_p), triton.cdiv(k, block_k))
+    _dequantize_kernel[grid](
+        packed, scales, out, n, k, packed.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=k // scales.shape[1], BLOCK_P=block_p, BLOCK_K=block_k, num_warps=DEQUANT_CONFIG["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] (fp16/bf16) @ dequant(packed [N / 2, K], scales [N, K / group])^T + bias -> [M, N] in x's dtype."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    num_rows, k = x.shape
+    n = packed.shape[0] * 2
+    if num_rows > MAX_ROWS_FUSED:
+        if pre_quant_scale is not None:
+            x = x * pre_quant_scale
+        return torch.nn.functional.linear(x, dequantize_w4(packed, scales, x.dtype), bias)
+    group_size = k // scales.shape[1]
+    block_m, block_n, block_k, split_k = _plan(num_rows, n, k, group_size, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    if 0 < num_rows <= MAX_ROWS_GEMV:
+        return _gemv(x, packed, scales, pre_quant_scale, bias, group_size, block_k)
+    # Split-K writes fp32 partial sums, added up below (deterministic, unlike atomics).
+    if split_k == 1:
+        out = torch.empty(1, num_rows, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
+    if num_rows == 0:
+        return out[0]
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n, block_n), split_k)
+    _w4a16_kernel[grid](
+        x,
+        packed,
+        scales,
+        pre_quant_scale if pre_quant_scale is not None else scales,  # never read without the flag
+        bias if bias is not None else scales,
+        out,
+        num_rows,
+        n,
+        k,
+        k_per_split,
+        x.stride(0),
+        packed.stride(0),
+        scales.stride(0),
+        out.stride(1),
+        out.stride(0),
+        GROUP_SIZE=group_size,
+        HAS_PRE_QUANT_SCALE=pre_quant_scale is not None,
+        HAS_BIAS=bias is not None and split_k == 1,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+        num_stages=4 if group_size % block_k == 0 else 2,  # per-weight scales need the shared memory
+    )
+    return out[0] if split_k == 1 else _reduce_splits(out, bias, x.dtype)
+
+
+def _reduce_splits(partial: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the fp32 split-K partials [split_k, M, N] (in a fixed order: deterministic), add bias, cast."""
+    result = partial.sum(dim=0)
+    if bias is not None:
+        result += bias
+    return result.to(dtype)
+
+
+def _gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    pre_quant_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    block_k: int,
+) -> torch.Tensor:
+    num_rows, k = x.shape
+    n = packed.shape[0] * 2
+    block_n = GEMV_CONFIG["block_n"]
+    k_steps = triton.cdiv(k, block_k)
+    split_k = max(1, min(GEMV_CONFIG["programs_per_sm"] * _num_sms(x.device) // triton.cdiv(n, block_n), k_steps))
+    k_per_split = triton.cdiv(k_steps, split_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
+    _w4a16_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, packed, scales, pre_quant_scale if pre_quant_scale is not None else scales, partial,
+        n, k, k_per_split, x.stride(0), packed.stride(0), scales.stride(0), partial.stride(1), partial.stride(0),
+        NUM_ROWS=num_rows, GROUP_SIZE=group_size, HAS_PRE_QUANT_SCALE=pre_quant_scale is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMV_CONFIG["num_warps"], num_stages=GEMV_CONFIG["num_stages"],
+    )  # fmt: skip
+    return _reduce_splits(partial, bias, x.dtype)
