@@ -165,4 +165,12 @@ class Int4Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, in] -> [num_tokens, out]: (x * pre_quant_scale) W^T, fp32 accumulate."""
-        return int4_linear(x, self.weight, self.weight_scale, self.pre_quant_scale, self.bias)
+        if x.device.type == "cuda":
+            return int4_linear(x, self.weight, self.weight_scale, self.pre_quant_scale, self.bias)
+        # CPU (the reference path): unpacking the weight at every step made decoding ~20x slower than
+        # the unquantized model; keep the fp32 weight once instead (memory is not what the CPU path is for).
+        if getattr(self, "_cpu_weight", None) is None:
+            self._cpu_weight = self.dequantized_weight()
+        x32 = x.float() if self.pre_quant_scale is None else x.float() * self.pre_quant_scale.float()
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x32, self._cpu_weight, bias).to(x.dtype)

@@ -11,11 +11,17 @@ logger = logging.getLogger(__name__)
 
 
 def load_tokenizer(model_dir: Path) -> Any:
-    """transformers' AutoTokenizer for a checkpoint; a clear error when the checkpoint has none."""
-    from transformers import AutoTokenizer
-
+    """transformers' fast tokenizer for a checkpoint; a clear error when the checkpoint has none."""
     if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise UserInputError(f"{model_dir} has no tokenizer files; pass token ids instead of text")
+    if (model_dir / "tokenizer.json").is_file():
+        # The same tokenizer AutoTokenizer would build from tokenizer.json, without resolving the
+        # model's config class first (which imports much of transformers: ~1 s of every start).
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
