@@ -5,6 +5,7 @@ import sys
 import click
 import typer
 
+from kiln.cli.build import build_command
 from kiln.cli.console import print_error, setup_logging
 from kiln.cli.convert import convert_command
 from kiln.cli.eval import eval_command
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.command("convert")(convert_command)
 app.command("eval")(eval_command)
 app.command("quantize")(quantize_command)
+app.command("build")(build_command)
 app.command("inspect")(inspect_command)
 app.command("run")(run_command)
 

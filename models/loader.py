@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kiln.build.engine_weights import load_engine_weights, rank_file_name
 from kiln.core.dtypes import cpu_has_fast_half_precision, torch_dtype
 from kiln.core.errors import WeightMappingError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
@@ -52,7 +53,11 @@ def load_model(
         model = model_class(config)
         if quant_config is not None:
             apply_quant_config(model, quant_config)  # ModelOpt checkpoint: quantized linear layers
-    load_weights(model, iter_safetensors(find_weight_files(checkpoint_dir)), dtype, device)
+    engine_weights = checkpoint_dir / rank_file_name(0)
+    if engine_weights.is_file():  # a `kiln build` engine: tensors already in the runtime layout
+        load_engine_weights(model, engine_weights, dtype, device)
+    else:
+        load_weights(model, iter_safetensors(find_weight_files(checkpoint_dir)), dtype, device)
     _move_buffers(model, device)
     logger.info("loaded %s (%s) from %s onto %s", config.architecture, dtype, checkpoint_dir, device)
     return model.eval(), config

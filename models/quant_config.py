@@ -29,6 +29,8 @@ class QuantConfig:
     kv_cache_quant_algo: str | None = None
     ignore: tuple[str, ...] = ()  # HF module names / patterns left unquantized
     layer_algos: dict[str, str] = field(default_factory=dict)  # MIXED_PRECISION: HF module -> algo
+    group_size: int = 128  # INT4 scale group (checkpoint-wide; MIXED_PRECISION may set it per layer)
+    layer_group_sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_hf_config(cls, hf_config: dict) -> QuantConfig | None:
@@ -53,7 +55,16 @@ class QuantConfig:
         if kv_algo not in (None, "FP8"):
             raise ConfigError(f"config.json: kv_cache_quant_algo {kv_algo!r} is not supported (only FP8)")
         ignore = tuple(qc.get("ignore") or qc.get("exclude_modules") or ())
-        return cls(algo, kv_algo, ignore, layer_algos)
+        group_sizes = {name: int(entry["group_size"]) for name, entry in layers.items() if entry.get("group_size")}
+        return cls(algo, kv_algo, ignore, layer_algos, int(qc.get("group_size") or 128), group_sizes)
+
+    def algos(self) -> set[str]:
+        """Every algorithm some layer uses."""
+        return set(self.layer_algos.values()) if self.quant_algo == "MIXED_PRECISION" else {self.quant_algo}
+
+    def group_size_for(self, hf_module_name: str) -> int:
+        """The INT4 group size of one HF linear module (read from the scales at load time; used to plan)."""
+        return self.layer_group_sizes.get(hf_module_name, self.group_size)
 
     def algo_for(self, hf_module_name: str) -> str | None:
         """The quant algorithm of one HF linear module, or None if it stays unquantized."""

@@ -15,6 +15,7 @@ from kiln.kernels.attention_backends import select_attention_backend
 from kiln.models.layers import Attention
 from kiln.models.loader import load_model
 from kiln.runtime.cuda_graphs import DecodeGraphs, default_bucket_sizes
+from kiln.runtime.engine_artifact import apply_engine_options, engine_manifest, prepare_engine
 from kiln.runtime.engine_config import EngineConfig, resolve_device, resolve_kv_cache_dtype
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import plan_num_blocks
@@ -49,9 +50,13 @@ class LLMEngine:
     """Continuous-batching generation over a paged KV cache, one step at a time."""
 
     def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        device = resolve_device(config.device)
+        manifest = engine_manifest(model_dir)
+        if manifest is not None:  # a `kiln build` engine: its planned options, its fingerprint, its kernels
+            config = apply_engine_options(config, manifest)
+            prepare_engine(model_dir, manifest, device)
         self.config = config
         self.model_dir = model_dir
-        device = resolve_device(config.device)
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
         self.model, self.model_config = load_model(model_dir, dtype=dtype, device=device)
         has_tokenizer = any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
@@ -102,7 +107,7 @@ class LLMEngine:
         limits = self.limits
         graphs = DecodeGraphs(
             self.model,
-            default_bucket_sizes(limits.max_batch_size),
+            list(self.config.cuda_graph_batch_sizes or default_bucket_sizes(limits.max_batch_size)),
             max_blocks_per_seq=-(-limits.max_seq_len // limits.block_size),
             capture_seq_len=limits.max_seq_len,
             device=device,

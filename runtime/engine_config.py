@@ -31,6 +31,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA with the Triton backend)
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None  # the decode batch sizes captured (None = buckets)
     seed: int = 0  # seeds the requests that bring none, so whole runs reproduce
 
     def __post_init__(self) -> None:

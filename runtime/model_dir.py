@@ -42,8 +42,10 @@ def resolve_model_dir(model: str) -> Path:
         )
     if is_artifact(path):
         artifact = load_artifact(path)
-        if artifact.manifest.kind != "checkpoint":
-            raise UserInputError(f"{path} is a {artifact.manifest.kind} artifact; a checkpoint is needed here")
+        if artifact.manifest.kind not in ("checkpoint", "engine"):
+            raise UserInputError(
+                f"{path} is a {artifact.manifest.kind} artifact; a checkpoint or an engine is needed here"
+            )
         return path
     if not (path / "config.json").is_file():
         raise UserInputError(f"{path} has no config.json and no kiln manifest; it is not a model directory")

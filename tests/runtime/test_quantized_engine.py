@@ -96,3 +96,16 @@ def test_gpu_kernels_follow_the_reference(quantized, fmt: str, kv_cache_dtype: s
     outputs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     assert llm.engine.runner.decode_graphs.num_replays > 0
     assert_near_argmax(path, outputs, margin=0.08)  # bf16 activations and FP8 GEMMs vs fp32
+
+
+@pytest.mark.parametrize("fmt,kv_cache_dtype", [("fp8", "fp8"), ("int4-awq", None)])
+def test_quantized_engine_generates_what_its_checkpoint_generates(quantized, tmp_path: Path, fmt, kv_cache_dtype):
+    from kiln.build.stage import BuildSpec, build
+
+    checkpoint = quantized(fmt, kv_cache_dtype)
+    build(BuildSpec(source=checkpoint, output=tmp_path / "engine", target_gpu="cpu", max_seq_len=128))
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = LLM(str(checkpoint), device="cpu", num_kv_blocks=64).generate(PROMPTS, params)
+    engine = LLM(str(tmp_path / "engine"), device="cpu")
+    assert engine.engine.limits.kv_cache_dtype == ("float8_e4m3fn" if kv_cache_dtype else "float32")
+    assert [r.token_ids for r in engine.generate(PROMPTS, params)] == [r.token_ids for r in expected]
