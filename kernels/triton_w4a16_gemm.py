@@ -19,13 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _signed_nibbles(packed):
-    """uint8 -> (low, high) signed int4 values as int8 tensors."""
-    signed = packed.to(tl.int8, bitcast=True)
-    # Arithmetic shifts sign-extend: the low nibble moves to the top and back, the high one down.
-    return (signed << 4) >> 4, signed >> 4
+from kiln.kernels.triton_w4_dequantize import dequantize_w4, signed_nibbles
 
 
 @triton.jit
@@ -78,7 +72,7 @@ def _w4a16_kernel(
             x = (x.to(tl.float32) * pqs[None, :]).to(x_ptr.dtype.element_ty)
         w_mask = pair_mask[:, None] & k_mask[None, :]
         packed = tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0)
-        low, high = _signed_nibbles(packed)  # [HALF_N, BLOCK_K] each
+        low, high = signed_nibbles(packed)  # [HALF_N, BLOCK_K] each
         if GROUP_SIZE % BLOCK_K == 0:
             # The whole K tile shares one scale column: scale the fp32 partial products.
             group = k0 // GROUP_SIZE
@@ -148,7 +142,7 @@ def _w4a16_gemv_kernel(
                 x = x * tl.load(pre_quant_scale_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
             w_mask = pair_mask[:, None] & k_mask[None, :]
             packed = tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0)
-            low, high = _signed_nibbles(packed)
+            low, high = signed_nibbles(packed)
             if GROUP_SIZE % BLOCK_K == 0:
                 group = k0 // GROUP_SIZE
                 s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
@@ -166,50 +160,14 @@ def _w4a16_gemv_kernel(
         tl.store(out_row + even + 1, acc_odd, mask=pair_mask)
 
 
-@triton.jit
-def _dequantize_kernel(
-    w_ptr,
-    scales_ptr,
-    out_ptr,
-    N,
-    K,
-    stride_wn,
-    stride_sn,
-    stride_on,
-    GROUP_SIZE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    # packed [N / 2, K] -> out [N, K] in the activations' dtype; a program does BLOCK_P packed rows.
-    pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (pairs < N // 2)[:, None] & (ks < K)[None, :]
-    even = 2 * pairs.to(tl.int64)
-    low, high = _signed_nibbles(tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=mask))
-    if GROUP_SIZE % BLOCK_K == 0:  # the tile lies in one group: one scale per row
-        group = tl.program_id(1) * BLOCK_K // GROUP_SIZE
-        s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pairs < N // 2, other=0.0)[:, None]
-        s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pairs < N // 2, other=0.0)[:, None]
-    else:
-        groups = ks // GROUP_SIZE
-        s_even = tl.load(scales_ptr + even[:, None] * stride_sn + groups[None, :], mask=mask, other=0.0)
-        s_odd = tl.load(scales_ptr + (even + 1)[:, None] * stride_sn + groups[None, :], mask=mask, other=0.0)
-    out_dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + even[:, None] * stride_on + ks[None, :], (low.to(tl.float32) * s_even).to(out_dtype), mask=mask)
-    tl.store(
-        out_ptr + (even + 1)[:, None] * stride_on + ks[None, :], (high.to(tl.float32) * s_odd).to(out_dtype), mask=mask
-    )
-
-
 # Above this many rows the product is compute-bound: dequantizing the weight once and running the
 # 16-bit tensor-core GEMM beats dequantizing it again in every output tile.
 MAX_ROWS_FUSED = 16
 MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core tile padding to 16 rows)
-# Tile and launch settings of the CUDA-core kernel and the dequantizer, module level so a tuning sweep
-# can change them. Swept on an H200 (bf16, group 128, Llama-3-8B shapes, 2026-11-28): 8 programs per
-# SM through split-K mattered most (gate_up at batch 1: 98 -> 51 us); the dequantizer reaches 3.4 TB/s.
+# Tile and launch settings of the CUDA-core kernel, module level so a tuning sweep can change them.
+# Swept on an H200 (bf16, group 128, Llama-3-8B shapes, 2026-11-28): 8 programs per SM through
+# split-K mattered most (gate_up at batch 1: 98 -> 51 us).
 GEMV_CONFIG = {"block_n": 128, "num_warps": 8, "num_stages": 1, "programs_per_sm": 8}
-DEQUANT_CONFIG = {"block_p": 32, "block_k": 128, "num_warps": 8}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -233,19 +191,6 @@ def _plan(num_rows: int, n: int, k: int, group_size: int, device: torch.device) 
     k_steps = triton.cdiv(k, block_k)
     split_k = max(1, min(4 * _num_sms(device) // tiles, k_steps))
     return block_m, block_n, block_k, split_k
-
-
-def dequantize_w4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The [N, K] weight in `dtype` (reference: `quantized_gemm.dequantize_int4`, which is fp32)."""
-    n, k = packed.shape[0] * 2, packed.shape[1]
-    out = torch.empty(n, k, dtype=dtype, device=packed.device)
-    block_p, block_k = DEQUANT_CONFIG["block_p"], DEQUANT_CONFIG["block_k"]
-    grid = (triton.cdiv(n // 2, block_p), triton.cdiv(k, block_k))
-    _dequantize_kernel[grid](
-        packed, scales, out, n, k, packed.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=k // scales.shape[1], BLOCK_P=block_p, BLOCK_K=block_k, num_warps=DEQUANT_CONFIG["num_warps"],
-    )  # fmt: skip
-    return out
 
 
 def w4a16_linear(
