@@ -19,8 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kiln.build.gpu_targets import GIB, GpuTarget
 from kiln.core.errors import UserInputError
+from kiln.core.gpu_targets import GIB, GpuTarget
 from kiln.models.config import ModelConfig
 from kiln.models.quant_config import QuantConfig
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from kiln.build.engine_weights import write_engine_weights
-from kiln.build.fingerprint import make_fingerprint
-from kiln.build.gpu_targets import GpuTarget, current_device_target, resolve_target
 from kiln.build.planner import MemoryPlan, PlanRequest, plan_memory
 from kiln.core.artifact import Artifact, ArtifactWriter, check_output_dir, load_artifact, parent_ref_for
 from kiln.core.dtypes import canonical_dtype_name, cpu_has_fast_half_precision, torch_dtype
 from kiln.core.errors import UserInputError
+from kiln.core.fingerprint import make_fingerprint
+from kiln.core.gpu_targets import GpuTarget, current_device_target, resolve_target
 from kiln.core.hf_checkpoint import read_config_json
 from kiln.models.config import ModelConfig
+from kiln.models.engine_weights import write_engine_weights
 from kiln.models.quant_config import QuantConfig
 
 logger = logging.getLogger(__name__)

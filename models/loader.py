@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kiln.build.engine_weights import load_engine_weights, rank_file_name
 from kiln.core.dtypes import cpu_has_fast_half_precision, torch_dtype
 from kiln.core.errors import WeightMappingError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
 from kiln.models.config import ModelConfig
+from kiln.models.engine_weights import load_engine_weights, rank_file_name
 from kiln.models.linear import check_shape
 from kiln.models.quant_config import QuantConfig, apply_quant_config
 from kiln.models.registry import get_model_class

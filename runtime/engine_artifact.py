@@ -55,7 +55,7 @@ def apply_engine_options(config: EngineConfig, manifest: Manifest) -> EngineConf
 
 def prepare_engine(model_dir: Path, manifest: Manifest, device: torch.device) -> None:
     """Refuse an engine for another architecture; hand its compiled kernels to Triton's cache."""
-    from kiln.build.fingerprint import check_fingerprint
+    from kiln.core.fingerprint import check_fingerprint
 
     check_fingerprint(manifest.extra.get("fingerprint") or {}, device, str(model_dir))
     kernel_cache = manifest.extra.get("kernel_cache")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.build.gpu_targets import GIB, KNOWN_TARGETS, resolve_target
 from kiln.build.planner import PlanRequest, plan_memory
 from kiln.core.errors import UserInputError
+from kiln.core.gpu_targets import GIB, KNOWN_TARGETS, resolve_target
 from kiln.models.config import ModelConfig
 from kiln.models.quant_config import QuantConfig
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from kiln.build.gpu_targets import GpuTarget, current_device_target
 from kiln.core.errors import UserInputError
+from kiln.core.gpu_targets import GpuTarget, current_device_target
 from kiln.core.version import __version__
 
 logger = logging.getLogger(__name__)
