@@ -12,6 +12,7 @@ from kiln.cli.eval import eval_command
 from kiln.cli.inspect import inspect_command
 from kiln.cli.quantize import quantize_command
 from kiln.cli.run import run_command
+from kiln.cli.serve import serve_command
 from kiln.core.errors import KilnError
 from kiln.core.version import __version__
 
@@ -28,6 +29,7 @@ app.command("quantize")(quantize_command)
 app.command("build")(build_command)
 app.command("inspect")(inspect_command)
 app.command("run")(run_command)
+app.command("serve")(serve_command)
 
 
 def _version(value: bool) -> None:

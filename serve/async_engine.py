@@ -1,0 +1,134 @@
+"""The engine on its own thread, and an asyncio face for the HTTP side.
+
+`LLMEngine` is not thread-safe, so one thread owns it: it takes commands (add, abort) from a queue,
+steps the engine while anything is unfinished, and hands every output to the asyncio loop of the
+request that owns it. The HTTP handlers never block on the engine and the engine never waits for a
+slow client: a client that goes away cancels its generator, which aborts the request at once (its
+KV blocks are freed on the engine thread before the next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot taken on the engine thread after each step (read by /metrics)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_kv_blocks_in_use: int = 0
+    num_preemptions: int = 0
+    prefix_cache_hit_rate: float = 0.0
+
+
+class AsyncEngine:
+    """Owns the engine thread; `generate` is an async iterator of a request's outputs."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.stats = EngineStats()
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine produces them; leaving early aborts it."""
+        request_id = f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        sink: asyncio.Queue = asyncio.Queue()
+        self._commands.put(("add", request_id, prompt_token_ids, params, loop, sink))
+        finished = False
+        try:
+            while not finished:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the client went away, or the handler failed: free the request's blocks now
+                self._commands.put(("abort", request_id))
+
+    def num_unfinished(self) -> int:
+        """Requests the engine still holds (running or waiting)."""
+        return self.stats.num_running + self.stats.num_waiting
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread (after the step in progress)."""
+        self._stopping.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            block = not self.engine.has_unfinished
+            try:
+                self._apply(self._commands.get(block=block, timeout=0.5 if block else None))
+                while True:  # everything queued before this step
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self.engine.has_unfinished:
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # a failed step must not kill the server: fail its requests
+                    logger.exception("engine step failed")
+                    self._fail_all(exc)
+                    continue
+                for output in outputs:
+                    self._deliver(output.request_id, output, done=output.finished)
+            self._snapshot()
+
+    def _apply(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, request_id, token_ids, params, loop, sink = command
+            self._sinks[request_id] = (loop, sink)
+            try:
+                self.engine.add_request(token_ids, params, request_id=request_id)
+            except Exception as exc:  # refused (too long, bad token ids): the handler answers 400
+                self._deliver(request_id, exc, done=True)
+        elif kind == "abort":
+            request_id = command[1]
+            if self._sinks.pop(request_id, None) is not None:
+                self.engine.abort(request_id)
+
+    def _deliver(self, request_id: str, item: object, done: bool) -> None:
+        target = self._sinks.pop(request_id, None) if done else self._sinks.get(request_id)
+        if target is not None:
+            loop, sink = target
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self._sinks):
+            self.engine.abort(request_id)
+            self._deliver(request_id, RuntimeError(f"the engine failed: {exc}"), done=True)
+
+    def _snapshot(self) -> None:
+        scheduler, kv = self.engine.scheduler, self.engine.kv_cache
+        self.stats = EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_cache_usage=kv.usage,
+            num_kv_blocks_in_use=kv.pool.num_blocks - 1 - kv.num_free_blocks,
+            num_preemptions=scheduler.stats.num_preemptions,
+            prefix_cache_hit_rate=kv.prefix_hit_rate,
+        )
