@@ -56,28 +56,64 @@ class EngineSlot:
         return self.engine
 
 
+class GuardMiddleware:
+    """Auth, body size and request counting, as plain ASGI (streams pass through untouched)."""
+
+    def __init__(self, app: Any, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def counted_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, counted_send)
+            else:
+                await self.app(scope, self._limited(receive), counted_send)
+        finally:
+            self.metrics.requests.labels(endpoint=scope["path"], status=str(status["code"])).inc()
+
+    def _refusal(self, scope: dict) -> JSONResponse | None:
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        if self.settings.api_key and scope["path"] not in OPEN_PATHS:
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
+                return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return error_response(413, f"request body over {self.settings.max_body_bytes} bytes")
+        return None
+
+    def _limited(self, receive: Any) -> Any:
+        """Bodies without a Content-Length are counted as they arrive."""
+        seen = {"bytes": 0}
+
+        async def limited_receive() -> dict:
+            message = await receive()
+            seen["bytes"] += len(message.get("body", b""))
+            if seen["bytes"] > self.settings.max_body_bytes:
+                raise ApiError(413, f"request body over {self.settings.max_body_bytes} bytes")
+            return message
+
+        return limited_receive
+
+
 def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
     """The app over an engine slot that the caller fills once the model has loaded."""
     app = FastAPI(title="kiln", version=__version__, docs_url=None, redoc_url=None)
     metrics = ServerMetrics(settings.served_model_name)
     app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        endpoint = request.url.path
-        response = await _guarded(request, call_next)
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        return response
-
-    async def _guarded(request: Request, call_next: Any) -> Any:
-        if settings.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return error_response(413, f"request body over {settings.max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -94,6 +130,8 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's words for bad bytes
+            return error_response(400, "the body is not valid JSON (or not UTF-8); send a JSON object")
         return error_response(exc.status_code, str(exc.detail))
 
     @app.get("/health")

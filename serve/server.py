@@ -9,6 +9,7 @@ process exits 0.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from pathlib import Path
 
@@ -50,11 +51,20 @@ def run_server(
 
     loader = threading.Thread(target=load, name="kiln-load", daemon=True)
     loader.start()
+    # uvicorn re-raises the signal that stopped it once it has shut down, under the handler that was
+    # installed before it: with this one, a graceful stop returns here and the process exits 0.
+    previous = {sig: signal.signal(sig, _note_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         loader.join(timeout=1.0)
         if slot.engine is not None:
             slot.engine.shutdown()
     if failure:
         raise failure[0]
+
+
+def _note_signal(signum: int, _frame: object) -> None:
+    logger.info("stopped by signal %d", signum)

@@ -38,8 +38,11 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             else:
                 yield index, item
     finally:
+        # Cancelling a pump cancels its request's generator, whose own cleanup aborts the request;
+        # the generators are closed only once their pumps are done (closing a running one fails).
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for stream in streams:
             await stream.aclose()
 

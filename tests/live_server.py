@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,12 +73,14 @@ def start_server(checkpoint: Path, *args: str) -> LiveServer:
     command = [sys.executable, "-m", "kiln.cli.main", "serve", str(checkpoint), "--port", str(port)]
     command += ["--served-model-name", MODEL_NAME, "--device", "cpu", "--max-seq-len", "256", *args]
     env = {**os.environ, "KILN_API_KEY": API_KEY}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its log goes to a file: a pipe nobody reads would fill up and block the server's event loop.
+    log = tempfile.NamedTemporaryFile("w+", prefix="kiln-serve-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     server = LiveServer(f"http://127.0.0.1:{port}", port, process, checkpoint)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"kiln serve exited with {process.returncode}: {process.stdout.read()}")
+            raise RuntimeError(f"kiln serve exited with {process.returncode}: {Path(log.name).read_text()[-3000:]}")
         try:
             if server.get("/health").status == 200:
                 return server
