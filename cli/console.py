@@ -24,6 +24,10 @@ def setup_logging(verbose: bool) -> None:
     transformers.logging.disable_progress_bar()
 
 
+# The command line of this invocation, as the user typed it (set by cli.main; bench reports record it).
+INVOCATION: list[str] = []
+
+
 def print_artifact_json(artifact: Any) -> None:
     """The --json result of a stage that wrote an artifact: its path, manifest digest and manifest."""
     report = {"output": str(artifact.path), "manifest_digest": artifact.digest, "manifest": artifact.manifest.to_dict()}

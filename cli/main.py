@@ -5,6 +5,8 @@ import sys
 import click
 import typer
 
+from kiln.cli import console
+from kiln.cli.bench import bench_app
 from kiln.cli.build import build_command
 from kiln.cli.console import print_error, setup_logging
 from kiln.cli.convert import convert_command
@@ -30,6 +32,7 @@ app.command("build")(build_command)
 app.command("inspect")(inspect_command)
 app.command("run")(run_command)
 app.command("serve")(serve_command)
+app.add_typer(bench_app, name="bench")
 
 
 def _version(value: bool) -> None:
@@ -48,6 +51,7 @@ def _root(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one red line and an exit code, never a traceback."""
+    console.INVOCATION[:] = ["kiln", *(sys.argv[1:] if argv is None else argv)]  # reports record it
     try:
         result = app(args=argv, standalone_mode=False, prog_name="kiln")
     except KilnError as exc:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kiln.core.dtypes import cpu_has_fast_half_precision, torch_dtype
-from kiln.core.errors import WeightMappingError
+from kiln.core.errors import UserInputError, WeightMappingError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
 from kiln.models.config import ModelConfig
 from kiln.models.engine_weights import load_engine_weights, rank_file_name
@@ -32,9 +32,16 @@ _MAX_NAMES_IN_ERROR = 10
 
 
 def load_model(
-    checkpoint_dir: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    checkpoint_dir: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    dummy_weights: bool = False,
 ) -> tuple[nn.Module, ModelConfig]:
-    """Build the checkpoint's model on the meta device and load its safetensors weights onto `device`."""
+    """Build the checkpoint's model on the meta device and load its safetensors weights onto `device`.
+
+    dummy_weights: random weights made on `device` instead (config.json is all that is read), for benchmarks.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     hf_config = read_config_json(checkpoint_dir)
     archs = hf_config.get("architectures") if isinstance(hf_config, dict) else None
@@ -54,13 +61,34 @@ def load_model(
         if quant_config is not None:
             apply_quant_config(model, quant_config)  # ModelOpt checkpoint: quantized linear layers
     engine_weights = checkpoint_dir / rank_file_name(0)
-    if engine_weights.is_file():  # a `kiln build` engine: tensors already in the runtime layout
+    if dummy_weights:
+        if quant_config is not None:
+            raise UserInputError("--dummy-weights makes unquantized models only; drop quantization_config")
+        _random_weights(model, dtype, device)
+    elif engine_weights.is_file():  # a `kiln build` engine: tensors already in the runtime layout
         load_engine_weights(model, engine_weights, dtype, device)
     else:
         load_weights(model, iter_safetensors(find_weight_files(checkpoint_dir)), dtype, device)
     _move_buffers(model, device)
     logger.info("loaded %s (%s) from %s onto %s", config.architecture, dtype, checkpoint_dir, device)
     return model.eval(), config
+
+
+@torch.inference_mode()
+def _random_weights(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Every parameter made on the device: norms 1, the rest N(0, 0.02) (a freshly initialised model's scale)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    for name, param in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        if "norm" in name:
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, 0.02, generator=generator)
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    for module in model.modules():
+        if hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
 
 
 def check_tensor_coverage(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:

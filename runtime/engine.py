@@ -58,7 +58,9 @@ class LLMEngine:
         self.config = config
         self.model_dir = model_dir
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
-        self.model, self.model_config = load_model(model_dir, dtype=dtype, device=device)
+        self.model, self.model_config = load_model(
+            model_dir, dtype=dtype, device=device, dummy_weights=config.dummy_weights
+        )
         has_tokenizer = any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
         self.tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
         self.eos_token_ids = tuple(eos_token_ids(model_dir, self.tokenizer))

@@ -33,6 +33,7 @@ class EngineConfig:
     enable_cuda_graphs: bool = True  # decode steps replay captured graphs (CUDA with the Triton backend)
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # the decode batch sizes captured (None = buckets)
     seed: int = 0  # seeds the requests that bring none, so whole runs reproduce
+    dummy_weights: bool = False  # random weights made on the device (benchmarks without checkpoints)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "max_seq_len", "num_kv_blocks"):

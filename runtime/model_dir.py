@@ -11,9 +11,14 @@ from kiln.core.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 
+def kiln_cache_dir() -> Path:
+    """kiln's cache: $KILN_CACHE_DIR, else ~/.cache/kiln."""
+    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
+
+
 def builtin_cache_dir(source: str) -> Path:
-    """Where a built-in model's converted checkpoint is kept ($KILN_CACHE_DIR, else ~/.cache/kiln)."""
-    root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
+    """Where a built-in model's converted checkpoint is kept (under kiln_cache_dir())."""
+    root = kiln_cache_dir()
     return root / "checkpoints" / source.removeprefix("builtin:")
 
 

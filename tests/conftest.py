@@ -36,3 +36,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama converted to a bf16 checkpoint artifact once."""
+    from kiln.convert.stage import ConvertSpec, convert
+
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    convert(ConvertSpec(source=str(tiny_llama_dir), output=out, dtype="bf16"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama as an fp32 checkpoint (the server tests compare texts with the CPU's fp32 runs)."""
+    from kiln.convert.stage import ConvertSpec, convert
+
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    convert(ConvertSpec(source=str(tiny_llama_dir), output=out, dtype="fp32"))
+    return out

@@ -1,0 +1,66 @@
+"""Architecture presets for `--dummy-weights`: published model shapes, written out for the project.
+
+Each is the set of config.json fields that decides a model's shape and cost (from the models' public
+configuration files); weights are random, made on the device, so benchmarks need no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kiln.core.errors import UserInputError
+
+_LLAMA3 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+           "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+           "bos_token_id": 128000, "eos_token_id": 128001}  # fmt: skip
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}  # fmt: skip
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-3-8b": {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+                   "rope_theta": 500000.0},
+    "llama-3.1-8b": {**_LLAMA3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                     "rope_theta": 500000.0, "rope_scaling": _LLAMA31_ROPE},
+    "llama-3-70b": {**_LLAMA3, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+                    "rope_theta": 500000.0},
+    "llama-3.2-1b": {**_LLAMA3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                     "rope_theta": 500000.0, "rope_scaling": {**_LLAMA31_ROPE, "factor": 32.0},
+                     "tie_word_embeddings": True, "head_dim": 64},
+    "mistral-7b": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32768,
+                   "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 32768,
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "sliding_window": None,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2.5-7b": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064,
+                   "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+                   "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False,
+                   "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 151643,
+                   "eos_token_id": 151645},
+}  # fmt: skip
+
+
+def dummy_model_dir(spec: str, cache_dir: Path) -> Path:
+    """A directory holding only the config.json of a preset name or of a given config.json path."""
+    if spec in PRESETS:
+        config, name = PRESETS[spec], spec
+    else:
+        path = Path(spec)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise UserInputError(f"unknown preset {spec!r}: use one of {', '.join(PRESETS)} or a config.json path")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserInputError(f"{path} is not valid JSON: {exc}") from exc
+        name = path.parent.name or "config"
+    out = cache_dir / "dummy" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out

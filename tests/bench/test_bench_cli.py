@@ -1,0 +1,98 @@
+"""`kiln bench`: each subcommand end to end on the CPU with the tiny model, reports, comparison, workloads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from cli_runner import invoke
+
+from kiln.bench.report import validate_report
+from kiln.bench.workload import synthetic
+from kiln.core.errors import ArtifactError
+
+SMALL = ["--num-requests", "6", "--input-len", "12", "--output-len", "5", "--device", "cpu"]
+
+
+def test_same_seed_same_workload() -> None:
+    a, b = synthetic(8, 20, 4, 32000, seed=3, len_std=0.3), synthetic(8, 20, 4, 32000, seed=3, len_std=0.3)
+    assert a.requests == b.requests and a.digest == b.digest
+    assert synthetic(8, 20, 4, 32000, seed=4, len_std=0.3).digest != a.digest
+    assert len({len(r.prompt_token_ids) for r in a.requests}) > 1  # normal lengths vary
+    assert all(1000 <= t < 32000 for r in a.requests for t in r.prompt_token_ids)
+
+
+def test_throughput_with_hf_baseline_writes_a_valid_report(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    args = ["bench", "throughput", str(tiny_checkpoint), *SMALL, "--backend", "hf", "--hf-batch-size", "3"]
+    code, stdout, err = invoke(capsys, *args, "-o", str(out), "--json", "--seed", "7")
+    assert code == 0, err
+    results = validate_report(out)
+    kiln, hf = results["runs"]["kiln"], results["runs"]["hf"]
+    assert kiln["completed"] == hf["completed"] == 6 and kiln["output_tokens"] == hf["output_tokens"] == 30
+    assert kiln["ttft_ms"]["p50"] > 0 and kiln["tpot_ms"] is not None and hf["ttft_ms"] is None
+    manifest = json.loads(stdout)
+    assert manifest["workload_digest"] == synthetic(6, 12, 5, 320, seed=7).digest
+    from kiln.core.artifact import load_artifact
+
+    m = load_artifact(out).manifest
+    assert m.spec["command"][:3] == ["kiln", "bench", "throughput"] and m.spec["options"]["seed"] == 7
+    assert m.extra["environment"]["torch"] and "gpu_count" in m.extra["environment"]
+    assert m.parent.digest == load_artifact(tiny_checkpoint).digest
+    assert (out / "latency.png").stat().st_size > 1000
+
+
+def test_latency_and_compare(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    for name, batch in (("b1", "1"), ("b2", "2")):
+        args = ["bench", "latency", str(tiny_checkpoint), "--batch-size", batch, "--num-requests", "4"]
+        code, _, err = invoke(capsys, *args, "--output-len", "6", "--device", "cpu", "-o", str(tmp_path / name))
+        assert code == 0, err
+    code, stdout, _ = invoke(capsys, "bench", "compare", str(tmp_path / "b1"), str(tmp_path / "b2"))
+    assert code == 0 and "b1:kiln" in stdout and "b2:kiln" in stdout and "x)" in stdout
+
+
+def test_mangled_report_is_rejected(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    code, _, err = invoke(capsys, "bench", "throughput", str(tiny_checkpoint), *SMALL, "-o", str(out))
+    assert code == 0, err
+    data = json.loads((out / "results.json").read_text())
+    data["runs"]["kiln"]["output_token_throughput"] *= 10
+    (out / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="results.json"):
+        validate_report(out)
+    code, _, err = invoke(capsys, "bench", "compare", str(out))
+    assert code == 2 and "results.json" in err
+
+
+def test_dummy_weights_from_a_config(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    config = tmp_path / "config.json"
+    shutil.copyfile(tiny_checkpoint / "config.json", config)
+    code, stdout, err = invoke(capsys, "bench", "throughput", str(config), "--dummy-weights", *SMALL, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["runs"]["kiln"]["output_tokens"] == 30
+    code, _, err = invoke(capsys, "bench", "throughput", "x", "--dummy-weights", "--preset", "llama-9", *SMALL)
+    assert code == 2 and "unknown preset 'llama-9'" in err
+
+
+def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from live_server import API_KEY, start_server, stop_server
+
+    live = start_server(serve_checkpoint)
+    try:
+        out = tmp_path / "report"
+        args = ["bench", "serve", "--url", live.url, "--concurrency", "1,4", "--num-requests", "8", "--input-len", "10"]
+        code, _, err = invoke(capsys, *args, "--output-len", "6", "--vocab-size", "320", "--api-key", API_KEY,
+                              "--slo-ttft-ms", "10000", "--slo-tpot-ms", "10000", "-o", str(out))  # fmt: skip
+    finally:
+        stop_server(live)
+    assert code == 0, err
+    runs = validate_report(out)["runs"]
+    assert set(runs) == {"1", "4"}
+    for run in runs.values():
+        assert run["completed"] == 8 and run["failed"] == 0 and run["output_tokens"] == 48
+        assert run["goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs: every request is good
+        assert run["ttft_ms"]["p99"] >= run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["count"] == 8 * 5
+    assert (out / "throughput_vs_concurrency.png").is_file()
