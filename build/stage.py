@@ -55,6 +55,7 @@ class BuildSpec:
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
     dry_run: bool = False
     force: bool = False
+    dummy_weights: bool = False  # random weights from the source's config.json (benchmark engines)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,8 @@ def build(spec: BuildSpec) -> tuple[BuildPlan, Artifact | None]:
     from kiln.convert.stage import model_summary
     from kiln.models.loader import load_model
 
-    model, config = load_model(spec.source, dtype=torch_dtype(canonical_dtype_name(config_dtype(plan))), device="cpu")
+    dtype = torch_dtype(canonical_dtype_name(config_dtype(plan)))
+    model, config = load_model(spec.source, dtype=dtype, device="cpu", dummy_weights=spec.dummy_weights)
     with ArtifactWriter(spec.output, kind="engine", force=spec.force) as writer:
         write_engine_weights(model, writer.path)
         del model
@@ -168,13 +170,14 @@ def build(spec: BuildSpec) -> tuple[BuildPlan, Artifact | None]:
         spec_record = {
             "stage": "build",
             **{k: v for k, v in asdict(spec).items() if k not in ("dry_run", "force", "output", "source")},
+            "dummy_weights": spec.dummy_weights,
             "cuda_graph_batch_sizes": list(spec.cuda_graph_batch_sizes) if spec.cuda_graph_batch_sizes else None,
             "source": str(spec.source),
             "output": str(spec.output),
         }
         writer.commit(
             name=f"{Path(spec.source).name}-engine",
-            parent=parent_ref_for(spec.source),
+            parent=None if spec.dummy_weights else parent_ref_for(spec.source),
             spec={**spec_record, "resolved": {**asdict(plan.request), "target_gpu": plan.target.name}},
             model=model_summary(config, config_dtype(plan)),
             extra=extra,

@@ -37,7 +37,7 @@ def parse_batch_sizes(value: Any) -> tuple[int, ...] | None:
 
 
 def build_command(
-    source: Path = typer.Argument(..., help="Checkpoint artifact or Hugging Face model directory."),
+    source: str = typer.Argument(..., help="Checkpoint artifact or Hugging Face model directory."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Engine directory to write."),
     max_batch_size: int | None = typer.Option(None, "--max-batch-size", help="[default: 256 GPU, 32 CPU]"),
     max_num_tokens: int | None = typer.Option(None, "--max-num-tokens", help="Tokens per step [default: 8192 / 2048]."),
@@ -52,6 +52,8 @@ def build_command(
     cuda_graph_batch_sizes: str | None = typer.Option(
         None, "--cuda-graph-batch-sizes", help="Decode batch sizes to capture, e.g. 1,2,4,8 [default: buckets]."
     ),
+    dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (SOURCE: a config.json)."),
+    preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of these options; flags override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
@@ -64,7 +66,16 @@ def build_command(
     flags = {key: value for key, value in locals().items() if key in BUILD_DEFAULTS}
     options = resolve_options(BUILD_DEFAULTS, flags, config)
     options["cuda_graph_batch_sizes"] = parse_batch_sizes(options["cuda_graph_batch_sizes"])
-    spec = BuildSpec(source=resolve_model_dir(str(source)), output=output, dry_run=dry_run, force=force, **options)
+    if dummy_weights:
+        from kiln.models.presets import dummy_model_dir
+        from kiln.runtime.model_dir import kiln_cache_dir
+
+        source_dir = dummy_model_dir(preset or source, kiln_cache_dir())
+    else:
+        source_dir = resolve_model_dir(source)
+    spec = BuildSpec(
+        source=source_dir, output=output, dry_run=dry_run, force=force, dummy_weights=dummy_weights, **options
+    )
     with stderr_console.status(f"building {source}"):
         plan, artifact = build(spec)
     if as_json:

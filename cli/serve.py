@@ -47,6 +47,8 @@ def serve_command(
     enable_prefix_caching: bool | None = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="auto|torch|triton."),
     enable_cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs"),
+    dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (MODEL: a config.json)."),
+    preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of these options; flags override it."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
@@ -57,9 +59,17 @@ def serve_command(
 
     flags = {key: value for key, value in locals().items() if key in SERVE_DEFAULTS}
     options = resolve_options(SERVE_DEFAULTS, flags, config)
-    model_dir = resolve_model_source(model)  # a bad model argument fails before the port opens
+    if dummy_weights:
+        from kiln.models.presets import dummy_model_dir
+        from kiln.runtime.model_dir import kiln_cache_dir
+
+        model_dir = dummy_model_dir(preset or model, kiln_cache_dir())
+    else:
+        model_dir = resolve_model_source(model)  # a bad model argument fails before the port opens
     server_keys = ("host", "port", "served_model_name", "max_queue", "grace_period")
-    engine_config = EngineConfig(**{k: v for k, v in options.items() if k not in server_keys})
+    engine_config = EngineConfig(
+        **{k: v for k, v in options.items() if k not in server_keys}, dummy_weights=dummy_weights
+    )
     settings = ServerSettings(
         served_model_name=options["served_model_name"] or (model if model.startswith("builtin:") else model_dir.name),
         api_key=api_key or os.environ.get("KILN_API_KEY") or None,

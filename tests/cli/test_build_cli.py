@@ -97,3 +97,15 @@ def test_refusals_exit_2_and_write_nothing(tiny_checkpoint: Path, tmp_path: Path
         code, _, err = invoke(capsys, "build", str(tiny_checkpoint), "-o", str(out), *args)
         assert code == 2 and message in err, (args, err)
         assert not out.exists()
+
+
+def test_dummy_weight_engine_from_a_config(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "engine"
+    code, _, err = invoke(capsys, "build", str(tiny_checkpoint / "config.json"), "--dummy-weights", "-o", str(out),
+                          "--target-gpu", "cpu", "--max-seq-len", "64")  # fmt: skip
+    assert code == 0, err
+    manifest = load_artifact(out, verify=True).manifest
+    assert manifest.spec["dummy_weights"] is True and manifest.parent is None
+    (result,) = LLM(str(out)).generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(result.token_ids) == 3
