@@ -52,12 +52,10 @@ def open_engine(model: str, engine_options: dict[str, Any], dummy_preset: str | 
     """The engine for a model argument, or for a preset / config.json with random weights."""
     from kiln.runtime.engine import LLMEngine
     from kiln.runtime.engine_config import EngineConfig
-    from kiln.runtime.model_dir import kiln_cache_dir, resolve_model_source
+    from kiln.runtime.model_dir import resolve_dummy_model, resolve_model_source
 
     if dummy_preset is not None:
-        from kiln.models.presets import dummy_model_dir
-
-        model_dir = dummy_model_dir(dummy_preset, kiln_cache_dir())
+        model_dir = resolve_dummy_model(dummy_preset)
         engine_options = {**engine_options, "dummy_weights": True}
     else:
         model_dir = resolve_model_source(model)

@@ -67,10 +67,9 @@ def build_command(
     options = resolve_options(BUILD_DEFAULTS, flags, config)
     options["cuda_graph_batch_sizes"] = parse_batch_sizes(options["cuda_graph_batch_sizes"])
     if dummy_weights:
-        from kiln.models.presets import dummy_model_dir
-        from kiln.runtime.model_dir import kiln_cache_dir
+        from kiln.runtime.model_dir import resolve_dummy_model
 
-        source_dir = dummy_model_dir(preset or source, kiln_cache_dir())
+        source_dir = resolve_dummy_model(preset or source)
     else:
         source_dir = resolve_model_dir(source)
     spec = BuildSpec(

@@ -60,10 +60,9 @@ def serve_command(
     flags = {key: value for key, value in locals().items() if key in SERVE_DEFAULTS}
     options = resolve_options(SERVE_DEFAULTS, flags, config)
     if dummy_weights:
-        from kiln.models.presets import dummy_model_dir
-        from kiln.runtime.model_dir import kiln_cache_dir
+        from kiln.runtime.model_dir import resolve_dummy_model
 
-        model_dir = dummy_model_dir(preset or model, kiln_cache_dir())
+        model_dir = resolve_dummy_model(preset or model)
     else:
         model_dir = resolve_model_source(model)  # a bad model argument fails before the port opens
     server_keys = ("host", "port", "served_model_name", "max_queue", "grace_period")

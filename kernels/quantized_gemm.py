@@ -24,9 +24,14 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def gpu_kernels_available(x: torch.Tensor, needs_fp8: bool) -> bool:
     """Whether the Triton / `_scaled_mm` path can take this activation (CUDA, 16-bit, triton installed)."""
-    if x.device.type != "cuda" or x.dtype not in KERNEL_DTYPES or importlib.util.find_spec("triton") is None:
+    if x.device.type != "cuda" or x.dtype not in KERNEL_DTYPES or not _triton_installed():
         return False
     return not needs_fp8 or _cuda_capability(x.device) >= (8, 9)
 

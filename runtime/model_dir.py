@@ -16,6 +16,13 @@ def kiln_cache_dir() -> Path:
     return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
 
 
+def resolve_dummy_model(spec: str) -> Path:
+    """A config-only model directory (in kiln's cache) for a preset name or a config.json path."""
+    from kiln.models.presets import dummy_model_dir
+
+    return dummy_model_dir(spec, kiln_cache_dir())
+
+
 def builtin_cache_dir(source: str) -> Path:
     """Where a built-in model's converted checkpoint is kept (under kiln_cache_dir())."""
     root = kiln_cache_dir()
