@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +20,10 @@ from kiln.serve.async_engine import AsyncEngine, EngineStats
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kiln.serve.responses import chat_body, completion_body, error_response, new_id
-from kiln.serve.streaming import stream_completion
+from kiln.serve.streaming import merged, stream_completion
 
 OPEN_PATHS = ("/health", "/metrics", "/version")
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -198,33 +200,50 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
     def finished(output: RequestOutput) -> None:
         metrics.observe_finished(output)
 
+    async def collect_or_abort(http: Request, streams: list) -> list[RequestOutput]:
+        """All prompts' final outputs (run together); a client that hangs up aborts them."""
+
+        async def collect() -> list[RequestOutput]:
+            outputs: dict[int, RequestOutput] = {}
+            async for index, output in merged(streams):
+                if output.finished:
+                    finished(output)
+                    outputs[index] = output
+            return [outputs[i] for i in range(len(streams))]
+
+        task = asyncio.ensure_future(collect())
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if not task.done() and await http.is_disconnected():
+                task.cancel()  # cancels the requests' generators, which abort them in the engine
+                await asyncio.gather(task, return_exceptions=True)
+                raise ApiError(499, "the client closed the connection")
+        try:
+            return task.result()
+        except KilnError as exc:
+            raise ApiError(400, str(exc)) from exc
+
     async def respond(
-        engine: AsyncEngine, body: SamplingFields, prompts: list[list[int]], params: Any, chat: bool, top_n: int
-    ) -> Any:
+        engine: AsyncEngine, http: Request, body: SamplingFields, prompts: list[list[int]], params: Any, chat: bool,
+        top_n: int,
+    ) -> Any:  # fmt: skip
         tokenizer = engine.engine.tokenizer
         request_id = new_id("chatcmpl" if chat else "cmpl")
         streams = [engine.generate(prompt, params) for prompt in prompts]
         model = settings.served_model_name
         if body.stream:
             base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                    "model": model, "_n": params.n * len(prompts)}  # fmt: skip
-            events = stream_completion(streams, base, tokenizer, body.include_usage, chat, top_n, finished)
+                    "model": model}  # fmt: skip
+            num_choices = params.n * len(prompts)
+            events = stream_completion(streams, base, num_choices, tokenizer, body.include_usage, chat, top_n, finished)
             return StreamingResponse(events, media_type="text/event-stream")
-        outputs = []
-        for stream in streams:
-            try:
-                async for output in stream:
-                    if output.finished:
-                        finished(output)
-                        outputs.append(output)
-            except KilnError as exc:
-                raise ApiError(400, str(exc)) from exc
+        outputs = await collect_or_abort(http, streams)
         if chat:
             return chat_body(request_id, model, outputs[0], tokenizer, top_n)
         return completion_body(request_id, model, outputs, tokenizer)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, http: Request) -> Any:
         engine = check(body)
         prompt = body.prompt
         if isinstance(prompt, str):
@@ -236,10 +255,10 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
         if not prompts:
             raise ApiError(400, "the prompt is empty", "prompt")
         params = params_for(engine, body, prompts, body.max_tokens, body.logprobs)
-        return await respond(engine, body, prompts, params, chat=False, top_n=body.logprobs or 0)
+        return await respond(engine, http, body, prompts, params, chat=False, top_n=body.logprobs or 0)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         engine = check(body)
         tokenizer = engine.engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -251,6 +270,6 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = tokenizer(text, add_special_tokens=False).input_ids
         params = params_for(engine, body, [prompt], body.requested_max_tokens(), body.requested_logprobs())
-        return await respond(engine, body, [prompt], params, chat=True, top_n=body.top_logprobs or 0)
+        return await respond(engine, http, body, [prompt], params, chat=True, top_n=body.top_logprobs or 0)
 
     return app

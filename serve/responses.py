@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 503: "service_unavailable", 500: "internal_error"}  # fmt: skip
+               413: "invalid_request_error", 499: "client_closed_request", 503: "service_unavailable",
+               500: "internal_error"}  # fmt: skip
 
 
 def error_response(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:

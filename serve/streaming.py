@@ -48,8 +48,8 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
 
 
 async def stream_completion(
-    streams: list[AsyncIterator[RequestOutput]], base: dict[str, Any], tokenizer: Any, include_usage: bool, chat: bool,
-    top_n: int, on_finished: Callable[[RequestOutput], None],
+    streams: list[AsyncIterator[RequestOutput]], base: dict[str, Any], num_choices: int, tokenizer: Any,
+    include_usage: bool, chat: bool, top_n: int, on_finished: Callable[[RequestOutput], None],
 ) -> AsyncIterator[str]:  # fmt: skip
     """SSE lines of a streamed completions or chat-completions response."""
     sent_text: dict[int, int] = {}
@@ -57,10 +57,8 @@ async def stream_completion(
     finished: list[RequestOutput] = []
     if chat:  # the first chunk of each choice announces the assistant role
         first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                 for i in range(base.pop("_n"))]  # fmt: skip
+                 for i in range(num_choices)]  # fmt: skip
         yield sse({**base, "choices": first})
-    else:
-        base.pop("_n")
     async for prompt_index, output in merged(streams):
         choices = []
         for completion in output.outputs:

@@ -125,3 +125,19 @@ def test_sigterm_lets_running_requests_finish(serve_checkpoint) -> None:
     reader.join(timeout=60)
     assert events and events[-1] == {"done": True}
     assert sum(len(e["choices"][0]["text"]) > 0 for e in events[:-1] if e.get("choices")) > 0
+
+
+def test_non_streamed_request_is_aborted_when_its_client_leaves(server) -> None:
+    body = {"model": MODEL_NAME, "prompt": "a long answer", "max_tokens": 240, "n": 4, "ignore_eos": True}
+    conn = server.connection()
+    conn.request("POST", COMPLETIONS, body=json.dumps(body),
+                 headers={"Content-Type": "application/json", "Authorization": "Bearer test-key"})  # fmt: skip
+    threading.Event().wait(0.3)  # generating by now
+    conn.close()
+    for _ in range(50):
+        text = server.get("/metrics").body.decode()
+        if 'status="499"' in text and metric(server, "kiln_num_requests_running") == 0:
+            break
+        threading.Event().wait(0.1)
+    assert re.search(r'kiln_requests_total\{endpoint="/v1/completions",status="499"\} 1\.0', text), text
+    assert metric(server, "kiln_kv_cache_blocks_in_use") == 0
