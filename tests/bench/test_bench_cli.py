@@ -96,3 +96,32 @@ def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, 
         assert run["goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs: every request is good
         assert run["ttft_ms"]["p99"] >= run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["count"] == 8 * 5
     assert (out / "throughput_vs_concurrency.png").is_file()
+
+
+def test_jsonl_and_sharegpt_workloads(tmp_path: Path) -> None:
+    from tiny_models import make_tiny_tokenizer
+
+    from kiln.bench.workload import from_jsonl, from_sharegpt
+    from kiln.core.errors import UserInputError
+
+    tokenizer = make_tiny_tokenizer(320)
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "The capital of France is"}\n{"prompt_token_ids": [5, 6, 7], "output_len": 3}\n')
+    workload = from_jsonl(jsonl, tokenizer, output_len=9)
+    assert [r.output_len for r in workload.requests] == [9, 3]
+    assert workload.requests[0].prompt_token_ids == tuple(tokenizer("The capital of France is").input_ids)
+    jsonl.write_text('{"text": 1}\n')
+    with pytest.raises(UserInputError, match="prompt_token_ids"):
+        from_jsonl(jsonl, tokenizer, output_len=9)
+    share = tmp_path / "sharegpt.json"
+    turns = [{"conversations": [{"from": "human", "value": f"Tell me about kilns, part {i}, please."},
+                                {"from": "gpt", "value": "A kiln is an oven that fires pottery and bricks."}]}
+             for i in range(5)]  # fmt: skip
+    share.write_text(json.dumps(turns))
+    workload = from_sharegpt(share, tokenizer, num_requests=3, seed=1)
+    reply_len = len(tokenizer("A kiln is an oven that fires pottery and bricks.").input_ids)
+    assert len(workload.requests) == 3 and all(r.output_len == reply_len for r in workload.requests)
+    assert from_sharegpt(share, tokenizer, num_requests=3, seed=1).digest == workload.digest
+    share.write_text("[]")
+    with pytest.raises(UserInputError, match="no ShareGPT conversations"):
+        from_sharegpt(share, tokenizer, num_requests=3)
