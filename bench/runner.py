@@ -48,14 +48,16 @@ def make_workload(spec: WorkloadSpec, vocab_size: int, tokenizer: Any) -> Worklo
     return from_jsonl(spec.dataset, tokenizer, spec.output_len, spec.num_requests)
 
 
-def open_engine(model: str, engine_options: dict[str, Any], dummy_preset: str | None):
+def open_engine(
+    model: str, engine_options: dict[str, Any], dummy_preset: str | None, dummy_quantization: str | None = None
+):
     """The engine for a model argument, or for a preset / config.json with random weights."""
     from kiln.runtime.engine import LLMEngine
     from kiln.runtime.engine_config import EngineConfig
     from kiln.runtime.model_dir import resolve_dummy_model, resolve_model_source
 
     if dummy_preset is not None:
-        model_dir = resolve_dummy_model(dummy_preset)
+        model_dir = resolve_dummy_model(dummy_preset, dummy_quantization)
         engine_options = {**engine_options, "dummy_weights": True}
     else:
         model_dir = resolve_model_source(model)
@@ -65,11 +67,14 @@ def open_engine(model: str, engine_options: dict[str, Any], dummy_preset: str | 
 def run_offline(
     mode: str, model: str, workload_spec: WorkloadSpec, engine_options: dict[str, Any], *, dummy_preset: str | None,
     ignore_eos: bool, warmup: int, batch_size: int, backend: str, hf_batch_size: int, progress=None,
+    dummy_quantization: str | None = None,
 ) -> RunResult:  # fmt: skip
     """throughput or latency through kiln's engine, and with backend "hf" also through transformers."""
     from kiln.bench.offline import run_latency, run_throughput
 
-    engine, model_dir = open_engine(model, engine_options, dummy_preset)
+    engine, model_dir = open_engine(model, engine_options, dummy_preset, dummy_quantization)
+    if backend == "hf" and dummy_quantization is not None:
+        raise UserInputError("--backend hf runs unquantized models only; drop --dummy-quantization")
     workload = make_workload(workload_spec, engine.model_config.vocab_size, engine.tokenizer)
     requests = list(workload.requests)
     result = RunResult(workload, None if dummy_preset else model_dir)

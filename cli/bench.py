@@ -27,6 +27,7 @@ FORCE = typer.Option(False, "--force", help="Replace a non-empty report director
 AS_JSON = typer.Option(False, "--json", help="Print the results as JSON on stdout.")
 DUMMY = typer.Option(False, "--dummy-weights", help="Random weights made on the device (MODEL: a config.json).")
 MODEL_HELP = "Engine, checkpoint, HF dir, builtin:NAME (or a config.json with --dummy-weights)."
+DUMMY_QUANT = typer.Option(None, "--dummy-quantization", help="fp8 (W8A8, fp8 KV) or int4-awq dummy weights.")
 PRESET = typer.Option(None, "--preset", help="Architecture for --dummy-weights: llama-3-8b, llama-3-70b, ...")
 
 
@@ -149,6 +150,7 @@ def throughput_command(
     hf_batch_size: int = typer.Option(64, "--hf-batch-size"),
     dummy_weights: bool = DUMMY,
     preset: str | None = PRESET,
+    dummy_quantization: str | None = DUMMY_QUANT,
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str | None = typer.Option(None, "--device"),
     max_batch_size: int | None = typer.Option(None, "--max-batch-size"),
@@ -179,6 +181,7 @@ def throughput_command(
         force,
         as_json,
         dummy_preset=_dummy(model, dummy_weights, preset),
+        dummy_quantization=dummy_quantization,
         ignore_eos=ignore_eos,
         warmup=warmup,
         batch_size=1,
@@ -200,6 +203,7 @@ def latency_command(
     backend: str = typer.Option("kiln", "--backend"),
     dummy_weights: bool = DUMMY,
     preset: str | None = PRESET,
+    dummy_quantization: str | None = DUMMY_QUANT,
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str | None = typer.Option(None, "--device"),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
@@ -219,6 +223,7 @@ def latency_command(
         force,
         as_json,
         dummy_preset=_dummy(model, dummy_weights, preset),
+        dummy_quantization=dummy_quantization,
         ignore_eos=ignore_eos,
         warmup=warmup,
         batch_size=batch_size,

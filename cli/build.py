@@ -54,6 +54,7 @@ def build_command(
     ),
     dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (SOURCE: a config.json)."),
     preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),
+    dummy_quantization: str | None = typer.Option(None, "--dummy-quantization", help="fp8 or int4-awq dummy weights."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of these options; flags override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan only; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
@@ -69,7 +70,7 @@ def build_command(
     if dummy_weights:
         from kiln.runtime.model_dir import resolve_dummy_model
 
-        source_dir = resolve_dummy_model(preset or source)
+        source_dir = resolve_dummy_model(preset or source, dummy_quantization)
     else:
         source_dir = resolve_model_dir(source)
     spec = BuildSpec(

@@ -49,6 +49,7 @@ def serve_command(
     enable_cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs"),
     dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (MODEL: a config.json)."),
     preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),
+    dummy_quantization: str | None = typer.Option(None, "--dummy-quantization", help="fp8 or int4-awq dummy weights."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of these options; flags override it."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)."""
@@ -62,7 +63,7 @@ def serve_command(
     if dummy_weights:
         from kiln.runtime.model_dir import resolve_dummy_model
 
-        model_dir = resolve_dummy_model(preset or model)
+        model_dir = resolve_dummy_model(preset or model, dummy_quantization)
     else:
         model_dir = resolve_model_source(model)  # a bad model argument fails before the port opens
     server_keys = ("host", "port", "served_model_name", "max_queue", "grace_period")

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from kiln.core.dtypes import cpu_has_fast_half_precision, torch_dtype
-from kiln.core.errors import UserInputError, WeightMappingError
+from kiln.core.errors import WeightMappingError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
 from kiln.models.config import ModelConfig
+from kiln.models.dummy_weights import random_weights
 from kiln.models.engine_weights import load_engine_weights, rank_file_name
 from kiln.models.linear import check_shape
 from kiln.models.quant_config import QuantConfig, apply_quant_config
@@ -62,9 +63,7 @@ def load_model(
             apply_quant_config(model, quant_config)  # ModelOpt checkpoint: quantized linear layers
     engine_weights = checkpoint_dir / rank_file_name(0)
     if dummy_weights:
-        if quant_config is not None:
-            raise UserInputError("--dummy-weights makes unquantized models only; drop quantization_config")
-        _random_weights(model, dtype, device)
+        random_weights(model, dtype, device)
     elif engine_weights.is_file():  # a `kiln build` engine: tensors already in the runtime layout
         load_engine_weights(model, engine_weights, dtype, device)
     else:
@@ -72,23 +71,6 @@ def load_model(
     _move_buffers(model, device)
     logger.info("loaded %s (%s) from %s onto %s", config.architecture, dtype, checkpoint_dir, device)
     return model.eval(), config
-
-
-@torch.inference_mode()
-def _random_weights(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """Every parameter made on the device: norms 1, the rest N(0, 0.02) (a freshly initialised model's scale)."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    for name, param in list(model.named_parameters()):
-        module_name, _, attr = name.rpartition(".")
-        tensor = torch.empty(param.shape, dtype=dtype, device=device)
-        if "norm" in name:
-            tensor.fill_(1.0)
-        else:
-            tensor.normal_(0.0, 0.02, generator=generator)
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
-    for module in model.modules():
-        if hasattr(module, "process_weights_after_loading"):
-            module.process_weights_after_loading()
 
 
 def check_tensor_coverage(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:

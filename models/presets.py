@@ -47,8 +47,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def dummy_model_dir(spec: str, cache_dir: Path) -> Path:
-    """A directory holding only the config.json of a preset name or of a given config.json path."""
+# ModelOpt `quantization_config`s for quantized dummy models (the formats `kiln quantize` writes).
+DUMMY_QUANTIZATIONS: dict[str, dict[str, Any]] = {
+    "fp8": {"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "ignore": ["lm_head"]},
+    "int4-awq": {"quant_method": "modelopt", "quant_algo": "W4A16_AWQ", "group_size": 128, "ignore": ["lm_head"]},
+}
+
+
+def dummy_model_dir(spec: str, cache_dir: Path, quantization: str | None = None) -> Path:
+    """A directory holding only the config.json of a preset name or of a given config.json path.
+
+    quantization: fp8 or int4-awq adds the quantization_config the random weights then follow.
+    """
     if spec in PRESETS:
         config, name = PRESETS[spec], spec
     else:
@@ -58,6 +68,11 @@ def dummy_model_dir(spec: str, cache_dir: Path) -> Path:
             raise UserInputError(f"unknown preset {spec!r}: use one of {', '.join(PRESETS)} or a config.json path")
         config = read_config_json(path.parent) if path.name == "config.json" else _read_json(path)
         name = path.parent.name or "config"
+    if quantization is not None:
+        if quantization not in DUMMY_QUANTIZATIONS:
+            raise UserInputError(f"--dummy-quantization must be one of {', '.join(DUMMY_QUANTIZATIONS)}")
+        config = {**config, "quantization_config": DUMMY_QUANTIZATIONS[quantization]}
+        name = f"{name}-{quantization}"
     out = cache_dir / "dummy" / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -16,11 +16,11 @@ def kiln_cache_dir() -> Path:
     return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln")
 
 
-def resolve_dummy_model(spec: str) -> Path:
+def resolve_dummy_model(spec: str, quantization: str | None = None) -> Path:
     """A config-only model directory (in kiln's cache) for a preset name or a config.json path."""
     from kiln.models.presets import dummy_model_dir
 
-    return dummy_model_dir(spec, kiln_cache_dir())
+    return dummy_model_dir(spec, kiln_cache_dir(), quantization)
 
 
 def builtin_cache_dir(source: str) -> Path:

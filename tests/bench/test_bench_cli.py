@@ -75,6 +75,13 @@ def test_dummy_weights_from_a_config(tiny_checkpoint: Path, tmp_path: Path, caps
     assert json.loads(stdout)["runs"]["kiln"]["output_tokens"] == 30
     code, _, err = invoke(capsys, "bench", "throughput", "x", "--dummy-weights", "--preset", "llama-9", *SMALL)
     assert code == 2 and "unknown preset 'llama-9'" in err
+    for quantization in ("fp8", "int4-awq"):  # random weights in the quantized layouts, through their kernels' paths
+        args = ["bench", "latency", str(config), "--dummy-weights", "--dummy-quantization", quantization]
+        code, stdout, err = invoke(
+            capsys, *args, "--num-requests", "2", "--output-len", "4", "--device", "cpu", "--json"
+        )
+        assert code == 0, err
+        assert json.loads(stdout)["runs"]["kiln"]["output_tokens"] == 8
 
 
 def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, capsys) -> None:
