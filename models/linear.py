@@ -5,8 +5,11 @@ replaced by the loaded tensor (assign-style: no second copy). Fused parameters (
 allocated once, on the first shard's device and dtype, and filled shard by shard; they list the
 shard ids they expect in `param.shard_ids` so the loader can check coverage.
 
-Layers are named for the tensor-parallel split they will get (column: output split; row: input
-split) and record `output_partition_sizes`; today the world size is always 1.
+Under tensor parallelism (models/parallel.py) each layer is built with this rank's share and its
+loader cuts the rank's slice out of the full checkpoint tensor: column-parallel layers split their
+output rows (q/k/v by heads, KV heads replicated when there are fewer than ranks), row-parallel
+layers split their input columns and sum their outputs over the group, the embedding splits the
+vocabulary. With one rank every slice is the whole tensor.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.core.errors import WeightMappingError
+from kiln.models.parallel import all_reduce, tensor_parallel
 
 
 class LoadableModule(nn.Module):
@@ -44,9 +48,14 @@ class LoadableModule(nn.Module):
         """(offset, size) of one shard along dim 0 of a fused parameter."""
         raise WeightMappingError(f"{type(self).__name__}.{name} is not fused (shard {shard_id!r})")
 
+    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+        """This tensor-parallel rank's part of a checkpoint tensor (all of it for unsplit layers)."""
+        return loaded
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Hashable | None = None) -> None:
         """Load a full tensor (shard_id None) or one shard of a fused parameter."""
         name = self._param_name(param)
+        loaded = self.rank_slice(name, loaded, shard_id)
         shard_ids = getattr(param, "shard_ids", None)
         if shard_id is None:
             if shard_ids is not None:
@@ -64,6 +73,15 @@ class LoadableModule(nn.Module):
             self._attach(name, nn.Parameter(fused, requires_grad=False), shard_ids)
             param = getattr(self, name)
         param.data[offset : offset + size].copy_(loaded)
+
+
+def rank_part(loaded: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """loaded[start : start + length] along `dim` for this rank; the whole tensor without parallelism."""
+    if tensor_parallel().size == 1:
+        return loaded  # the loader's shape check reports a wrong shape
+    if loaded.dim() <= dim or loaded.shape[dim] < start + length:
+        raise WeightMappingError(f"shape {tuple(loaded.shape)} is too small for this rank's slice")
+    return loaded.narrow(dim, start, length)
 
 
 def check_shape(got: torch.Size, expected: tuple[int, ...] | torch.Size) -> None:
@@ -101,34 +119,60 @@ class ColumnParallelLinear(LinearBase):
     """Linear layer split along its output dimension under tensor parallelism (lm_head, ...)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, [output_size], bias)
+        super().__init__(input_size, [tensor_parallel().split(output_size, "output size")], bias)
+
+    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+        return rank_part(loaded, 0, tensor_parallel().rank * self.output_size, self.output_size)
 
 
 class RowParallelLinear(LinearBase):
     """Linear layer split along its input dimension under tensor parallelism (o_proj, down_proj)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, [output_size], bias)
+        super().__init__(tensor_parallel().split(input_size, "input size"), [output_size], bias)
+
+    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+        if name != "weight":
+            return loaded  # the bias is added once, after the sum over ranks
+        return rank_part(loaded, 1, tensor_parallel().rank * self.input_size, self.input_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, input_size / ranks] -> [num_tokens, output_size], summed over the ranks."""
+        out = all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
 
 
 class MergedColumnParallelLinear(LinearBase):
     """Several column-parallel projections of one input fused into one GEMM; shards are 0, 1, ..."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
-        super().__init__(input_size, output_sizes, bias, shard_ids=tuple(range(len(output_sizes))))
+        sizes = [tensor_parallel().split(size, "output size") for size in output_sizes]
+        super().__init__(input_size, sizes, bias, shard_ids=tuple(range(len(output_sizes))))
 
     def shard_range(self, name: str, shard_id: Hashable) -> tuple[int, int]:
         """(offset, size) of output block `shard_id`."""
         offset = sum(self.output_partition_sizes[:shard_id])
         return offset, self.output_partition_sizes[shard_id]
 
+    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+        size = self.output_partition_sizes[shard_id]
+        return rank_part(loaded, 0, tensor_parallel().rank * size, size)
+
 
 class QKVParallelLinear(LinearBase):
-    """q, k and v projections fused into one GEMM; shards are "q", "k", "v"."""
+    """q, k and v projections fused into one GEMM; shards are "q", "k", "v".
+
+    Under tensor parallelism each rank takes num_heads / ranks query heads and num_kv_heads / ranks KV
+    heads; with fewer KV heads than ranks, each KV head is replicated on ranks / num_kv_heads ranks.
+    """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
-        self.q_size = num_heads * head_dim
-        self.kv_size = num_kv_heads * head_dim
+        tp = tensor_parallel()
+        if num_kv_heads < tp.size and tp.size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be spread over {tp.size} tensor-parallel ranks")
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        self.q_size = tp.split(num_heads, "num_heads") * head_dim
+        self.kv_size = max(1, num_kv_heads // tp.size) * head_dim
         sizes = [self.q_size, self.kv_size, self.kv_size]
         super().__init__(hidden_size, sizes, bias, shard_ids=("q", "k", "v"))
 
@@ -137,15 +181,41 @@ class QKVParallelLinear(LinearBase):
         offsets = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}
         return offsets[shard_id], self.q_size if shard_id == "q" else self.kv_size
 
+    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+        rank = tensor_parallel().rank
+        if shard_id == "q":
+            return rank_part(loaded, 0, rank * self.q_size, self.q_size)
+        return rank_part(loaded, 0, rank // self.kv_replicas * self.kv_size, self.kv_size)
+
 
 class VocabEmbedding(LoadableModule):
-    """Token embedding table [vocab_size, hidden_size] (split along the vocabulary under TP)."""
+    """Token embedding table [vocab_size, hidden_size], split along the vocabulary under TP.
+
+    Each rank holds ceil(vocab / ranks) rows (the last rank's padded with zeros); a token's row comes
+    from the rank that has it, the others contribute zeros to the sum.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
+        tp = tensor_parallel()
         self.vocab_size = vocab_size
-        self.create_param("weight", vocab_size, hidden_size)
+        self.rows_per_rank = -(-vocab_size // tp.size)
+        self.first_row = tp.rank * self.rows_per_rank
+        self.create_param("weight", self.rows_per_rank, hidden_size)
+
+    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+        if tensor_parallel().size == 1:
+            return loaded
+        part = loaded[self.first_row : self.first_row + self.rows_per_rank]
+        if part.shape[0] < self.rows_per_rank:
+            part = torch.cat([part, part.new_zeros(self.rows_per_rank - part.shape[0], part.shape[1])])
+        return part
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[num_tokens] -> [num_tokens, hidden_size]."""
-        return F.embedding(input_ids, self.weight)
+        if tensor_parallel().size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.first_row
+        mine = (local >= 0) & (local < self.rows_per_rank)
+        out = F.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight) * mine.unsqueeze(-1)
+        return all_reduce(out)

@@ -9,12 +9,12 @@ from kiln.kernels.attention import AttentionMetadata
 from kiln.models.config import ModelConfig
 from kiln.models.layers import Attention, RMSNorm, SiluAndMul
 from kiln.models.linear import (
-    ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
     VocabEmbedding,
 )
+from kiln.models.parallel import all_gather_last_dim
 from kiln.models.rotary import RotaryEmbedding
 
 
@@ -33,9 +33,9 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, bias=config.o_proj_bias)
         self.rotary_emb = rotary_emb  # one table shared by all layers
-        self.attn = Attention(
-            config.num_heads,
-            config.num_kv_heads,
+        self.attn = Attention(  # this tensor-parallel rank's heads
+            self.q_size // config.head_dim,
+            self.kv_size // config.head_dim,
             config.head_dim,
             scale=config.head_dim**-0.5,
             sliding_window=config.layer_sliding_window(layer_idx),
@@ -132,11 +132,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         # Tied: the logits reuse the embedding table, so there is no lm_head parameter to load.
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else ColumnParallelLinear(config.hidden_size, config.vocab_size, bias=False)
-        )
+        # Untied: a table of the embedding's shape and vocabulary split (ranks hold rows of the logits).
+        self.lm_head = None if config.tie_word_embeddings else VocabEmbedding(config.vocab_size, config.hidden_size)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
@@ -147,4 +144,5 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> fp32 logits [n, vocab_size]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden_states, weight).float()
+        logits = all_gather_last_dim(torch.nn.functional.linear(hidden_states, weight))  # ranks' vocab slices
+        return logits[..., : self.config.vocab_size].float()
