@@ -157,6 +157,7 @@ def throughput_command(
     max_num_tokens: int | None = typer.Option(None, "--max-num-tokens"),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
     kv_cache_dtype: str | None = typer.Option(None, "--kv-cache-dtype"),
+    tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks (CPU for now)."),
     output: Path | None = OUTPUT,
     force: bool = FORCE,
     as_json: bool = AS_JSON,
@@ -171,6 +172,7 @@ def throughput_command(
         max_num_tokens=max_num_tokens,
         max_seq_len=max_seq_len,
         kv_cache_dtype=kv_cache_dtype,
+        tp_size=tp_size,
     )
     options = {"workload": _workload(num_requests, input_len, output_len, len_std, dataset, seed), "engine": engine}
     _offline(

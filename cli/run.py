@@ -45,6 +45,7 @@ def run_command(
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching"),
     attention_backend: str = typer.Option("auto", "--attention-backend", help="auto|torch|triton."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode steps from graphs."),
+    tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel ranks (worker processes; CPU for now)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write one JSON line per prompt here."),
     as_json: bool = typer.Option(False, "--json", help="Print all results as one JSON document on stdout."),
 ) -> None:
@@ -83,6 +84,7 @@ def run_command(
             enable_prefix_caching=prefix_caching,
             attention_backend=attention_backend,
             enable_cuda_graphs=cuda_graphs,
+            tp_size=tp_size,
         )
     load_seconds = time.perf_counter() - start
     token_prompts = [_encode(llm, item, chat) for item in items]

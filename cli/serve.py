@@ -24,6 +24,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "enable_prefix_caching": True,
     "attention_backend": "auto",
     "enable_cuda_graphs": True,
+    "tp_size": 1,
 }
 
 
@@ -47,6 +48,7 @@ def serve_command(
     enable_prefix_caching: bool | None = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="auto|torch|triton."),
     enable_cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs"),
+    tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks (CPU for now)."),
     dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (MODEL: a config.json)."),
     preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),
     dummy_quantization: str | None = typer.Option(None, "--dummy-quantization", help="fp8 or int4-awq dummy weights."),

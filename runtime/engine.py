@@ -26,6 +26,7 @@ from kiln.runtime.request_group import RequestGroup
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
+from kiln.runtime.tp_workers import CacheSpec, WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class LLMEngine:
         self.config = config
         self.model_dir = model_dir
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
+        self.tp_workers = self._start_tensor_parallel(model_dir, dtype, device)
         self.model, self.model_config = load_model(
             model_dir, dtype=dtype, device=device, dummy_weights=config.dummy_weights
         )
@@ -89,6 +91,11 @@ class LLMEngine:
             backend,
             kv_cache_dtype=self.kv_cache_dtype,
         )
+        if self.tp_workers is not None:
+            self.tp_workers.broadcast(
+                CacheSpec(self.limits.num_kv_blocks, config.block_size, self.kv_cache_dtype, backend.name)
+            )
+            self.runner.broadcast = self.tp_workers.broadcast
         if config.enable_cuda_graphs and backend.name == "triton":
             self.runner.decode_graphs = self._capture_decode_graphs(device)
         self.scheduler = Scheduler(self.kv_cache, self.limits.max_batch_size, self.limits.max_num_tokens)
@@ -101,6 +108,22 @@ class LLMEngine:
     def runner_dtype(self) -> torch.dtype:
         """The dtype the weights and KV cache use."""
         return next(self.model.parameters()).dtype
+
+    def _start_tensor_parallel(self, model_dir: Path, dtype: torch.dtype | None, device: torch.device):
+        """Worker processes for ranks 1..N-1 (before the model loads: every rank loads only its shard)."""
+        if self.config.tp_size == 1:
+            return None
+        if device.type != "cpu":
+            raise UserInputError(
+                "tensor parallelism runs on the CPU (gloo) for now; GPUs (NCCL) are next: use --device cpu or tp_size=1"
+            )
+        return WorkerGroup(model_dir, self.config.tp_size, dtype, self.config.tp_timeout_s)
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (nothing to do without them)."""
+        if self.tp_workers is not None:
+            self.tp_workers.shutdown()
+            self.tp_workers = None
 
     def _attention_layers(self) -> list[Attention]:
         return [module for module in self.model.modules() if isinstance(module, Attention)]

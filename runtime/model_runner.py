@@ -7,6 +7,7 @@ logprobs were asked). The one host sync per step is reading the sampled token id
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,19 @@ class _FlatBatch:
     sampling_requests: list[Request] = field(default_factory=list)
 
 
+@dataclass
+class StepInputs:
+    """What every tensor-parallel rank needs for one step (rank 0 broadcasts it; picklable lists only)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    logit_rows: list[list[int]]  # row groups whose logits are computed, in order: prompt logprobs, then sampling
+
+
 def kv_cache_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one KV block across all layers (keys and values)."""
     element_bytes = torch.tensor([], dtype=dtype).element_size()
@@ -84,9 +98,10 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype or self.dtype
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine after capture (CUDA + Triton only)
+        self.broadcast: Callable[[StepInputs | None], None] | None = None  # set under tensor parallelism
         self.attention_layers = [module for module in model.modules() if isinstance(module, Attention)]
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         for layer in self.attention_layers:
+            shape = (num_blocks, block_size, layer.num_kv_heads, config.head_dim)  # this rank's KV heads
             # [num_blocks, block_size, num_kv_heads, head_dim] per layer; allocated once, never resized.
             # Not zeroed: attention reads only slots written for the sequence and masks the rest (padding,
             # the null block), and filling a 2 GiB CPU cache with zeros took 3 s of every start.
@@ -100,14 +115,28 @@ class ModelRunner:
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         """Run one step: forward over the flat batch, then sample for the chunks that end their tokens."""
         batch = self._pack(scheduled.chunks)
-        hidden = self._forward(batch)  # [num_tokens, hidden]
+        prompt_jobs = self._prompt_logprob_jobs(scheduled.chunks)
+        rows = [job[3] for job in prompt_jobs] + ([batch.sample_rows] if batch.sample_rows else [])
+        step = StepInputs(
+            batch.input_ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.seq_lens,
+            batch.block_tables, rows,
+        )  # fmt: skip
+        if self.broadcast is not None:
+            self.broadcast(step)  # the other ranks run the same forward and logits with their shards
+        logits = self.run_step(step)
         output = RunnerOutput()
-        self._prompt_logprobs(scheduled.chunks, hidden, output)
+        self._prompt_logprobs(prompt_jobs, logits[: len(prompt_jobs)], output)
         if batch.sample_rows:
-            self._sample(hidden, batch, output)
+            self._sample(logits[-1], batch, output)
         return output
 
-    def _forward(self, batch: _FlatBatch) -> torch.Tensor:
+    @torch.inference_mode()
+    def run_step(self, step: StepInputs) -> list[torch.Tensor]:
+        """Forward over the step's tokens, then fp32 logits of each row group (every rank runs this)."""
+        hidden = self._forward(step)  # [num_tokens, hidden]
+        return [self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) for rows in step.logit_rows]
+
+    def _forward(self, batch: StepInputs) -> torch.Tensor:
         """Replay a captured graph for pure decode steps that fit one; run eagerly otherwise."""
         graphs = self.decode_graphs
         is_decode = len(batch.input_ids) == len(batch.query_lens)  # one new token per sequence
@@ -141,10 +170,9 @@ class ModelRunner:
                 batch.sampling_requests.append(request)
         return batch
 
-    def _sample(self, hidden: torch.Tensor, batch: _FlatBatch, output: RunnerOutput) -> None:
+    def _sample(self, logits: torch.Tensor, batch: _FlatBatch, output: RunnerOutput) -> None:
+        """Sample from the logits [num_sampling, vocab] (fp32) of the rows that end their tokens."""
         requests = batch.sampling_requests
-        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # [num_sampling, vocab] fp32
         self._suppress_early_stops(logits, requests)
         sampling = SamplingBatch.build(
             [request.sampling_params for request in requests],
@@ -186,23 +214,31 @@ class ModelRunner:
                 entry.update(zip(top_ids[row][:wanted], top_values[row][:wanted]))
             output.logprobs[request.request_id] = entry
 
-    def _prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor, output: RunnerOutput) -> None:
-        """Logprob of each prompt token given the tokens before it (positions computed this step)."""
-        offset = 0
+    def _prompt_logprob_jobs(self, chunks: list[ScheduledChunk]) -> list[tuple[Request, int, int, list[int]]]:
+        """(request, first, last, flat rows) of each chunk whose prompt positions [first, last) need logprobs."""
+        jobs, offset = [], 0
         for chunk in chunks:
-            request, wanted = chunk.request, chunk.request.sampling_params.prompt_logprobs
+            request = chunk.request
             # Position p predicts prompt token p + 1; entries already collected (before a preemption) are kept.
             first = max(chunk.start, len(request.prompt_logprobs))
             last = min(chunk.start + chunk.num_new_tokens, request.num_prompt_tokens - 1)
-            if wanted is not None and first < last:
-                rows = torch.arange(offset + first - chunk.start, offset + last - chunk.start, device=self.device)
-                logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)  # [n, vocab]
-                targets = torch.tensor(request.token_ids[first + 1 : last + 1], device=self.device)
-                chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-                entries = [{target: value} for target, value in zip(targets.tolist(), chosen)]
-                if wanted > 0:
-                    top_values, top_ids = logprobs.topk(wanted, dim=-1)
-                    for entry, ids, values in zip(entries, top_ids.tolist(), top_values.tolist()):
-                        entry.update(zip(ids, values))
-                output.prompt_logprobs[request.request_id] = entries
+            if request.sampling_params.prompt_logprobs is not None and first < last:
+                jobs.append(
+                    (request, first, last, list(range(offset + first - chunk.start, offset + last - chunk.start)))
+                )
             offset += chunk.num_new_tokens
+        return jobs
+
+    def _prompt_logprobs(self, jobs: list, logits: list[torch.Tensor], output: RunnerOutput) -> None:
+        """Logprob of each prompt token given the tokens before it (positions computed this step)."""
+        for (request, first, last, _), job_logits in zip(jobs, logits):
+            wanted = request.sampling_params.prompt_logprobs
+            logprobs = torch.log_softmax(job_logits, dim=-1)  # [n, vocab]
+            targets = torch.tensor(request.token_ids[first + 1 : last + 1], device=self.device)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            entries = [{target: value} for target, value in zip(targets.tolist(), chosen)]
+            if wanted > 0:
+                top_values, top_ids = logprobs.topk(wanted, dim=-1)
+                for entry, ids, values in zip(entries, top_ids.tolist(), top_values.tolist()):
+                    entry.update(zip(ids, values))
+            output.prompt_logprobs[request.request_id] = entries
