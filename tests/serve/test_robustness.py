@@ -141,3 +141,17 @@ def test_non_streamed_request_is_aborted_when_its_client_leaves(server) -> None:
         threading.Event().wait(0.1)
     assert re.search(r'kiln_requests_total\{endpoint="/v1/completions",status="499"\} 1\.0', text), text
     assert metric(server, "kiln_kv_cache_blocks_in_use") == 0
+
+
+def test_tensor_parallel_server_answers_and_stops_cleanly(serve_checkpoint) -> None:
+    live = start_server(serve_checkpoint, "--tp-size", "2")
+    try:
+        reply = live.post(COMPLETIONS, {**OK_COMPLETION, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+        assert reply.status == 200 and reply.json()["usage"]["completion_tokens"] == 6
+        from kiln import LLM, SamplingParams
+
+        one_rank = LLM(str(serve_checkpoint), device="cpu", num_kv_blocks=64)
+        (expected,) = one_rank.generate(["hello"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        assert reply.json()["choices"][0]["text"] == expected.text
+    finally:
+        assert stop_server(live) == 0
