@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from kiln.core.errors import ConfigError, UserInputError
-from kiln.core.hf_checkpoint import read_config_json
+from kiln.core.errors import UserInputError
+from kiln.core.hf_checkpoint import read_json_object
 
 _LLAMA3 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
            "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
@@ -66,7 +66,7 @@ def dummy_model_dir(spec: str, cache_dir: Path, quantization: str | None = None)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise UserInputError(f"unknown preset {spec!r}: use one of {', '.join(PRESETS)} or a config.json path")
-        config = read_config_json(path.parent) if path.name == "config.json" else _read_json(path)
+        config = read_json_object(path)
         name = path.parent.name or "config"
     if quantization is not None:
         if quantization not in DUMMY_QUANTIZATIONS:
@@ -77,14 +77,3 @@ def dummy_model_dir(spec: str, cache_dir: Path, quantization: str | None = None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A config saved under another name than config.json."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
-    return config
