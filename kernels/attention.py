@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from kiln.core.dtypes import FP8_E4M3_MAX
+from kiln.core.host_transfer import pad_rows, to_device
 
 
 @dataclass
@@ -63,15 +64,14 @@ class AttentionMetadata:
         if slot_mapping is not None:
             if len(slot_mapping) != cu_seqlens[-1]:
                 raise ValueError(f"{len(slot_mapping)} slots for {cu_seqlens[-1]} new tokens")
-            slots = torch.tensor(slot_mapping, dtype=torch.int64, device=device)
+            slots = to_device(slot_mapping, torch.int64, device)
         tables = None
         if block_tables is not None:
             width = max((len(row) for row in block_tables), default=0)
-            padded = [row + [0] * (width - len(row)) for row in block_tables]
-            tables = torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width)
+            tables = to_device(pad_rows(block_tables, len(block_tables), width, 0, torch.int32), torch.int32, device)
         return cls(
-            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            cu_seqlens_q=to_device(cu_seqlens, torch.int32, device),
+            seq_lens=to_device(seq_lens, torch.int32, device),
             slot_mapping=slots,
             block_tables=tables,
             cu_seqlens_q_host=cu_seqlens,

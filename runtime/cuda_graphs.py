@@ -10,9 +10,11 @@ after capture (a graph replays fixed addresses): each step only copies new value
 import bisect
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
+from kiln.core.host_transfer import copy_into, pad_rows, to_device
 from kiln.kernels.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -99,15 +101,23 @@ class DecodeGraphs:
         """Replay the bucket's graph for this decode batch; returns hidden states [batch_size, hidden]."""
         batch_size = len(input_ids)
         bucket = self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, batch_size)]
-        padding = bucket - batch_size
-        width = self.block_tables.shape[1]
-        self.input_ids[:bucket].copy_(torch.tensor(input_ids + [0] * padding))
-        self.positions[:bucket].copy_(torch.tensor(positions + [0] * padding))
-        self.slot_mapping[:bucket].copy_(torch.tensor(slot_mapping + [-1] * padding))
-        self.seq_lens[:bucket].copy_(torch.tensor(seq_lens + [1] * padding, dtype=torch.int32))
-        rows = [row + [NULL_BLOCK_ID] * (width - len(row)) for row in block_tables]
-        rows += [[NULL_BLOCK_ID] * width] * padding
-        self.block_tables[:bucket].copy_(torch.tensor(rows, dtype=torch.int32))
+        # One host array for the four per-sequence inputs; padding rows store nothing (slot -1) and see a
+        # context of one token in the null block.
+        columns = np.empty((4, bucket), dtype=np.int64)
+        columns[:, batch_size:] = np.array([[0], [0], [-1], [1]])
+        columns[0, :batch_size] = input_ids
+        columns[1, :batch_size] = positions
+        columns[2, :batch_size] = slot_mapping
+        columns[3, :batch_size] = seq_lens
+        staged = to_device(columns, torch.int64, self.input_ids.device)  # [4, bucket]
+        self.input_ids[:bucket].copy_(staged[0])
+        self.positions[:bucket].copy_(staged[1])
+        self.slot_mapping[:bucket].copy_(staged[2])
+        self.seq_lens[:bucket].copy_(staged[3])
+        # Only the columns in use are written: the kernels read a row's blocks up to its seq_len, so stale
+        # ids further right are never read (and are valid block ids anyway).
+        width = max(len(row) for row in block_tables)
+        copy_into(self.block_tables[:bucket, :width], pad_rows(block_tables, bucket, width, NULL_BLOCK_ID, torch.int32))
         graph, hidden = self._graphs[bucket]
         graph.replay()
         self.num_replays += 1

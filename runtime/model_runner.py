@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kiln.core.host_transfer import to_device
 from kiln.kernels.attention import AttentionMetadata
 from kiln.kernels.attention_backends import AttentionBackend
 from kiln.models.config import ModelConfig
@@ -76,6 +77,14 @@ def kv_cache_scales(layer: Attention, cache_dtype: torch.dtype) -> tuple[float, 
     return layer.calibrated_kv_scales() or (1.0, 1.0)
 
 
+def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """hidden[rows] without a host sync: a slice when the rows are consecutive (every decode step)."""
+    first = rows[0]
+    if rows[-1] - first == len(rows) - 1 and all(row == first + i for i, row in enumerate(rows)):
+        return hidden[first : first + len(rows)]
+    return hidden[to_device(rows, torch.int64, hidden.device)]
+
+
 class ModelRunner:
     """Owns the model, its KV cache tensors and the sampler."""
 
@@ -134,7 +143,7 @@ class ModelRunner:
     def run_step(self, step: StepInputs) -> list[torch.Tensor]:
         """Forward over the step's tokens, then fp32 logits of each row group (every rank runs this)."""
         hidden = self._forward(step)  # [num_tokens, hidden]
-        return [self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)]) for rows in step.logit_rows]
+        return [self.model.compute_logits(select_rows(hidden, rows)) for rows in step.logit_rows]
 
     def _forward(self, batch: StepInputs) -> torch.Tensor:
         """Replay a captured graph for pure decode steps that fit one; run eagerly otherwise."""
@@ -149,9 +158,8 @@ class ModelRunner:
             slot_mapping=batch.slot_mapping,
             block_tables=batch.block_tables,
         )
-        input_ids = torch.tensor(batch.input_ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(batch.positions, dtype=torch.long, device=self.device)
-        return self.model(input_ids, positions, metadata)
+        staged = to_device([batch.input_ids, batch.positions], torch.int64, self.device)  # [2, num_tokens]
+        return self.model(staged[0], staged[1], metadata)
 
     def _pack(self, chunks: list[ScheduledChunk]) -> _FlatBatch:
         batch = _FlatBatch()
@@ -176,7 +184,7 @@ class ModelRunner:
         self._suppress_early_stops(logits, requests)
         sampling = SamplingBatch.build(
             [request.sampling_params for request in requests],
-            [request.generator for request in requests],
+            [request.seed for request in requests],
             [request.prompt_token_ids for request in requests],
             [request.output_token_ids for request in requests],
             self.device,
@@ -234,7 +242,7 @@ class ModelRunner:
         for (request, first, last, _), job_logits in zip(jobs, logits):
             wanted = request.sampling_params.prompt_logprobs
             logprobs = torch.log_softmax(job_logits, dim=-1)  # [n, vocab]
-            targets = torch.tensor(request.token_ids[first + 1 : last + 1], device=self.device)
+            targets = to_device(request.token_ids[first + 1 : last + 1], torch.int64, self.device)
             chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
             entries = [{target: value} for target, value in zip(targets.tolist(), chosen)]
             if wanted > 0:
