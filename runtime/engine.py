@@ -215,9 +215,7 @@ class LLMEngine:
 
     def _new_sample(self, sample_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         seed = params.seed + index if params.seed is not None else self._seed_stream.getrandbits(63)
-        generator = torch.Generator(device=self.runner.device)
-        generator.manual_seed(seed)
-        return Request(sample_id, list(prompt_token_ids), params, self.eos_token_ids, generator)
+        return Request(sample_id, list(prompt_token_ids), params, self.eos_token_ids, seed)
 
     @property
     def has_unfinished(self) -> bool:

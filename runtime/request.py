@@ -4,8 +4,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from kiln.runtime.sampling_params import SamplingParams
 
 
@@ -26,7 +24,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
-    generator: torch.Generator  # this sequence's own RNG stream: same seed, same tokens, whatever the batch
+    seed: int  # this sequence's draws are a function of (seed, output position): same seed, same tokens
     arrival_time: float = field(default_factory=time.monotonic)
     fork_from: str | None = None  # a sibling whose prompt KV blocks this sample shares (n > 1)
     status: RequestStatus = RequestStatus.WAITING

@@ -7,19 +7,13 @@ greedy? does any row use a penalty?) are taken in `SamplingBatch.build` from the
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from kiln.core.host_transfer import to_device
+from kiln.kernels.random_draw import exponential_race, row_keys
 from kiln.runtime.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
-
-
-def to_device(data: Sequence[float] | Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Copy host values to `device` without making the host wait for the device's stream."""
-    host = torch.tensor(data, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    # A copy from pageable memory synchronises the stream; from pinned memory it can be queued.
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _pad(rows: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -39,9 +33,9 @@ class SamplingBatch:
     repetition_penalty: Tensor  # [B] fp32, 1 = off
     presence_penalty: Tensor  # [B] fp32, 0 = off
     frequency_penalty: Tensor  # [B] fp32, 0 = off
-    # One per row, on the logits' device: each request owns its RNG stream, so its tokens do not depend on
-    # its batch neighbours. None = the device's default generator (an unseeded request).
-    generators: list[torch.Generator | None]
+    # [B] int64: each row's noise key, a hash of its request's seed and output position (see
+    # kernels/random_draw), so a request's draws depend only on its own seed, not on its batch.
+    noise_keys: Tensor
     # Token ids on the device for the penalties, -1 padded; None when no row of the batch needs them.
     prompt_token_ids: Tensor | None  # [B, max_prompt_len] int64 (repetition penalty only)
     output_token_ids: Tensor | None  # [B, max_output_len] int64
@@ -57,30 +51,43 @@ class SamplingBatch:
     def build(
         cls,
         params: list[SamplingParams],
-        generators: list[torch.Generator | None],
+        seeds: list[int],
         prompt_token_ids: list[Sequence[int]],
         output_token_ids: list[Sequence[int]],
         device: torch.device | str,
     ) -> "SamplingBatch":
-        """Gather the rows' params into device tensors (queued copies, no host sync)."""
+        """Gather the rows' params into device tensors (two queued copies, no host sync).
+
+        seeds: each row's request seed; the row's output position is len(output_token_ids[row]).
+        """
         device = torch.device(device)
         random = [p for p in params if not p.is_greedy]
-
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
-            return to_device(values, dtype, device)
-
+        columns = to_device(
+            [
+                [0.0 if p.is_greedy else p.temperature for p in params],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            ],
+            torch.float32,
+            device,
+        )  # [6, B]
+        keys = row_keys(seeds, [len(output) for output in output_token_ids])
+        integers = to_device(np.stack([[max(p.top_k, 0) for p in params], keys]), torch.int64, device)  # [2, B]
         use_repetition = any(p.repetition_penalty != 1.0 for p in params)
         use_penalties = use_repetition or any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=column([0.0 if p.is_greedy else p.temperature for p in params]),
-            top_p=column([p.top_p for p in params]),
-            top_k=column([max(p.top_k, 0) for p in params], torch.int64),
-            min_p=column([p.min_p for p in params]),
-            repetition_penalty=column([p.repetition_penalty for p in params]),
-            presence_penalty=column([p.presence_penalty for p in params]),
-            frequency_penalty=column([p.frequency_penalty for p in params]),
-            generators=list(generators),
+            temperature=columns[0],
+            top_p=columns[1],
+            top_k=integers[0],
+            min_p=columns[2],
+            repetition_penalty=columns[3],
+            presence_penalty=columns[4],
+            frequency_penalty=columns[5],
+            noise_keys=integers[1],
             prompt_token_ids=to_device(_pad(prompt_token_ids), torch.int64, device) if use_repetition else None,
             output_token_ids=to_device(_pad(output_token_ids), torch.int64, device) if use_penalties else None,
             max_num_logprobs=max(logprobs) if logprobs else None,
@@ -171,23 +178,8 @@ def suppress_tokens(logits: Tensor, rows: Sequence[int], token_ids: Sequence[Seq
     return logits
 
 
-def _draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
-    """Draw one token per row of [B, vocab] probs, row i from generator i: [B] int64."""
-    # Exponential race: argmax(p / q) with q ~ Exp(1) picks token i with probability p_i. Each row's q comes
-    # from its own generator, so a row's draw depends only on its own RNG state, not on the batch.
-    q = torch.empty_like(probs)
-    if any(g is None for g in generators):
-        q.exponential_()
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            q[row].exponential_(generator=generator)
-    # q = 0 is possible in principle; 0 / 0 would be NaN, which argmax would pick.
-    q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return (probs / q).argmax(dim=-1)
-
-
 class Sampler:
-    """Turns one step's logits into tokens (and logprobs), each row with its own settings and RNG."""
+    """Turns one step's logits into tokens (and logprobs), each row with its own settings and seed."""
 
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample from [B, vocab] logits: logprobs of the raw logits, then penalties, then greedy or draw."""
@@ -223,7 +215,7 @@ class Sampler:
             batch.top_p if batch.use_top_p else None,
             batch.min_p if batch.use_min_p else None,
         )
-        sampled = _draw(scaled.softmax(dim=-1), batch.generators)
+        sampled = exponential_race(scaled.softmax(dim=-1), batch.noise_keys)
         if batch.all_random:
             return sampled
         return torch.where(greedy, logits.argmax(dim=-1), sampled)

@@ -14,16 +14,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 def make_batch(
     params: list[SamplingParams],
-    seeds: list[int | None] | None = None,
+    seeds: list[int] | None = None,
     prompts: list[list[int]] | None = None,
     outputs: list[list[int]] | None = None,
     device: str = "cpu",
 ) -> SamplingBatch:
-    seeds = seeds if seeds is not None else [None] * len(params)
-    generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+    seeds = seeds if seeds is not None else list(range(len(params)))
     prompts = prompts if prompts is not None else [[] for _ in params]
     outputs = outputs if outputs is not None else [[] for _ in params]
-    return SamplingBatch.build(params, generators, prompts, outputs, device)
+    return SamplingBatch.build(params, seeds, prompts, outputs, device)
 
 
 def test_greedy_rows_take_the_argmax() -> None:
@@ -34,7 +33,7 @@ def test_greedy_rows_take_the_argmax() -> None:
     assert out.sampled_logprobs is None and out.top_logprobs is None
 
     mixed = [greedy, SamplingParams(temperature=1.5, seed=1), greedy, SamplingParams(top_k=3, seed=2)]
-    out = Sampler()(logits, make_batch(mixed, seeds=[None, 1, None, 2]))
+    out = Sampler()(logits, make_batch(mixed, seeds=[5, 1, 6, 2]))
     assert out.sampled_token_ids[[0, 2]].tolist() == logits[[0, 2]].argmax(dim=-1).tolist()
 
 
@@ -55,15 +54,46 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_neighbours(device: str)
     data = torch.Generator().manual_seed(0)
     steps = [torch.randn(1 + len(others), VOCAB, generator=data).to(device) for _ in range(20)]
 
-    alone = make_batch([target], seeds=[1234], device=device)
-    alone_tokens = [Sampler()(step[:1], alone).sampled_token_ids.item() for step in steps]
-    # Same row at index 2, neighbours drawing from the default generator and from their own seeds.
-    mixed = make_batch([others[0], others[1], target, others[2]], seeds=[None, 7, 1234, 99], device=device)
-    order = [1, 2, 0, 3]  # row 0 of each step goes to index 2
-    mixed_tokens = [Sampler()(step[order], mixed).sampled_token_ids[2].item() for step in steps]
+    def draw(batch_params: list[SamplingParams], seeds: list[int], outputs: list[list[int]], logits, row: int) -> int:
+        return (
+            Sampler()(logits, make_batch(batch_params, seeds, outputs=outputs, device=device))
+            .sampled_token_ids[row]
+            .item()
+        )
+
+    # The row's position (tokens produced so far) advances each step, as in the engine.
+    alone_tokens = [draw([target], [1234], [[0] * i], step[:1], 0) for i, step in enumerate(steps)]
+    order = [1, 2, 0, 3]  # row 0 of each step goes to index 2, among neighbours at other positions
+    mixed = [others[0], others[1], target, others[2]]
+    mixed_tokens = [
+        draw(mixed, [3, 7, 1234, 99], [[0] * (i + 5), [], [0] * i, [1] * 2], step[order], 2)
+        for i, step in enumerate(steps)
+    ]
 
     assert alone_tokens == mixed_tokens
-    assert len(set(alone_tokens)) > 3  # it really sampled
+    assert len(set(alone_tokens)) > 3  # it really sampled: the position changes the noise
+
+
+def test_seeds_and_positions_give_independent_draws() -> None:
+    logits = torch.zeros(2000, 4)  # uniform over 4 tokens
+    by_seed = Sampler()(logits, make_batch([SamplingParams()] * 2000, seeds=list(range(2000)))).sampled_token_ids
+    outputs = [[0] * i for i in range(2000)]
+    by_position = Sampler()(logits, make_batch([SamplingParams()] * 2000, seeds=[7] * 2000, outputs=outputs))
+    for tokens in (by_seed, by_position.sampled_token_ids):
+        assert torch.bincount(tokens, minlength=4).tolist() == pytest.approx([500] * 4, abs=90)
+
+
+@pytest.mark.gpu
+def test_the_triton_draw_equals_the_reference() -> None:
+    from kiln.kernels.random_draw import exponential_race_reference, row_keys
+    from kiln.kernels.triton_random_draw import triton_exponential_race
+
+    data = torch.Generator().manual_seed(1)
+    for rows, vocab in [(1, 1), (3, 50), (64, 128256), (300, 3000)]:
+        probs = torch.softmax(3 * torch.randn(rows, vocab, generator=data), dim=-1)
+        keys = torch.from_numpy(row_keys(range(rows), [seed % 17 for seed in range(rows)]))
+        expected = exponential_race_reference(probs, keys)
+        assert torch.equal(triton_exponential_race(probs.cuda(), keys.cuda()).cpu(), expected)
 
 
 def reference_filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -117,13 +147,6 @@ def test_draws_follow_the_filtered_distribution() -> None:
     assert chi_square < 16.3  # 3 degrees of freedom, p = 0.001
 
 
-def test_unseeded_rows_use_the_default_generator() -> None:
-    logits = torch.zeros(2000, 4)
-    torch.manual_seed(0)
-    counts = torch.bincount(Sampler()(logits, make_batch([SamplingParams()] * 2000)).sampled_token_ids)
-    assert counts.tolist() == pytest.approx([500] * 4, abs=90)
-
-
 def test_penalties_match_hand_computed_values() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
     params = [
@@ -149,7 +172,7 @@ def test_logprobs_come_from_the_raw_logits() -> None:
         SamplingParams(temperature=0, logprobs=2),
         SamplingParams(top_k=3, seed=2),
     ]
-    out = Sampler()(logits, make_batch(params, seeds=[1, None, 2], prompts=[[1, 2], [3], []]))
+    out = Sampler()(logits, make_batch(params, seeds=[1, 5, 2], prompts=[[1, 2], [3], []]))
 
     raw = torch.log_softmax(logits, dim=-1)
     assert out.top_logprobs is not None and out.top_logprob_ids is not None and out.sampled_logprobs is not None
@@ -181,12 +204,11 @@ def test_sampling_on_cuda_never_waits_for_the_device() -> None:
         SamplingParams(temperature=0.8, top_k=10, top_p=0.9, min_p=0.02, presence_penalty=0.5, seed=1),
         SamplingParams(frequency_penalty=-0.3, logprobs=0),
     ]
-    generators = [torch.Generator(device="cuda").manual_seed(i) for i in range(3)]
     logits = torch.randn(3, 1000, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync below raises
     try:
-        batch = SamplingBatch.build(params, generators, [[1, 2, 3], [4], []], [[5], [6, 6], [7, 8, 9]], "cuda")
+        batch = SamplingBatch.build(params, [0, 1, 2], [[1, 2, 3], [4], []], [[5], [6, 6], [7, 8, 9]], "cuda")
         suppress_tokens(logits, [0, 2], [[1], [2, 3]])
         out = Sampler()(logits, batch)
     finally:

@@ -1,6 +1,5 @@
 """Scheduler decisions with exact values: chunks, block ids, prefix hits, preemption order."""
 
-import torch
 
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.request import Request, RequestStatus
@@ -12,7 +11,7 @@ BLOCK_SIZE = 4
 
 def make_request(request_id: str, prompt: list[int], max_tokens: int = 8) -> Request:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return Request(request_id, prompt, params, eos_token_ids=(0,), generator=torch.Generator())
+    return Request(request_id, prompt, params, eos_token_ids=(0,), seed=0)
 
 
 def chunks(output: SchedulerOutput) -> list[tuple[str, int, int]]:
@@ -104,7 +103,7 @@ def test_stop_token_respects_min_tokens_and_ignore_eos() -> None:
     kv = KVCacheManager(num_blocks=16, block_size=BLOCK_SIZE)
     scheduler = Scheduler(kv, max_batch_size=4, max_num_tokens=32)
     params = SamplingParams(max_tokens=10, min_tokens=2, stop_token_ids=[5])
-    request = Request("a", [1, 2, 3], params, eos_token_ids=(0,), generator=torch.Generator())
+    request = Request("a", [1, 2, 3], params, eos_token_ids=(0,), seed=0)
     scheduler.add(request)
     step(scheduler, token=0)  # EOS, but min_tokens=2 not reached
     assert not request.is_finished

@@ -1,0 +1,67 @@
+"""Triton kernel of the seeded exponential race (see `random_draw`): one program per sampling row."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.random_draw import GOLDEN, MASK32, MIX1, MIX2, NOISE_BITS
+
+BLOCK = 1024  # vocabulary entries per loop iteration
+# Module constants a jitted function reads must be constexpr.
+_MASK32 = tl.constexpr(MASK32)
+_GOLDEN = tl.constexpr(GOLDEN)
+_MIX1 = tl.constexpr(MIX1)
+_MIX2 = tl.constexpr(MIX2)
+_SHIFT = tl.constexpr(32 - NOISE_BITS)
+_INV_RANGE = tl.constexpr(1.0 / (1 << NOISE_BITS))
+
+
+@triton.jit
+def _mul32(x, constant: tl.constexpr):
+    # (x * constant) mod 2^32 in int64, as random_draw._mul32 does it.
+    low = x & 0xFFFF
+    high = x >> 16
+    return (low * constant + (((high * constant) & 0xFFFF) << 16)) & _MASK32
+
+
+@triton.jit
+def _fmix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MIX1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, _MIX2)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _exponential_race_kernel(probs_ptr, keys_ptr, out_ptr, vocab_size, row_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    key = tl.load(keys_ptr + row).to(tl.int64)
+    best_value = tl.full([BLOCK], -1.0, tl.float32)  # per lane: the best p / q so far and its token
+    best_index = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, vocab_size, BLOCK):
+        index = start + tl.arange(0, BLOCK).to(tl.int64)
+        inside = index < vocab_size
+        p = tl.load(probs_ptr + row.to(tl.int64) * row_stride + index, mask=inside, other=0.0).to(tl.float32)
+        bits = _fmix32(key ^ _mul32(index, _GOLDEN))
+        uniform = ((bits >> _SHIFT).to(tl.float32) + 0.5) * _INV_RANGE
+        ratio = tl.where(inside, p / -tl.log(uniform), -1.0)
+        better = ratio > best_value  # strict: a lane keeps its first best, as argmax keeps the first
+        best_value = tl.where(better, ratio, best_value)
+        best_index = tl.where(better, index, best_index)
+    top = tl.max(best_value, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(best_value == top, best_index, vocab_size), axis=0))
+
+
+def triton_exponential_race(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[B, vocab] probabilities (row stride free, last dim contiguous), [B] int64 keys -> [B] int64 tokens."""
+    if probs.stride(-1) != 1:
+        probs = probs.contiguous()
+    out = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    if probs.shape[0]:
+        _exponential_race_kernel[(probs.shape[0],)](
+            probs, keys.contiguous(), out, probs.shape[1], probs.stride(0), BLOCK=BLOCK
+        )
+    return out
