@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
 from kiln.kernels.attention import AttentionFunction, AttentionMetadata, reference_attention
 from kiln.models.linear import LoadableModule
 from kiln.models.quantized_linear import fake_quant_fp8
+
+
+@functools.cache
+def _fused_ops_allowed() -> bool:
+    """Triton is installed and KILN_DISABLE_FUSED_OPS=1 (for A/B benchmarks) is not set; read once."""
+    return os.environ.get("KILN_DISABLE_FUSED_OPS") != "1" and importlib.util.find_spec("triton") is not None
+
+
+def use_fused_ops(x: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels of `kernels.triton_fused_ops` take this activation (CUDA tensors)."""
+    return x.is_cuda and _fused_ops_allowed()
+
+
+def rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [num_tokens, hidden] -> (weight * norm(x + residual), x + residual); the CPU path."""
+    if residual is not None:
+        x = x + residual
+    # Normalise in fp32 and scale in the activations' dtype, like the Llama reference.
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), x
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    """[num_tokens, 2 * d] -> silu(gate) * up [num_tokens, d]; the CPU path."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class RMSNorm(LoadableModule):
@@ -20,12 +53,11 @@ class RMSNorm(LoadableModule):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x, residual: [num_tokens, hidden]. Returns the normed sum and the sum (the new residual)."""
-        if residual is not None:
-            x = x + residual
-        # Normalise in fp32 and scale in the activations' dtype, like the Llama reference.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype), x
+        if use_fused_ops(x) and (residual is None or residual.dtype == x.dtype):
+            from kiln.kernels.triton_fused_ops import fused_add_rms_norm
+
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return rms_norm_reference(x, residual, self.weight, self.eps)
 
 
 class SiluAndMul(torch.nn.Module):
@@ -33,8 +65,11 @@ class SiluAndMul(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, 2 * d] -> [num_tokens, d]."""
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        if use_fused_ops(x):
+            from kiln.kernels.triton_fused_ops import silu_and_mul
+
+            return silu_and_mul(x)
+        return silu_and_mul_reference(x)
 
 
 class Attention(torch.nn.Module):

@@ -7,6 +7,7 @@ from torch import nn
 
 from kiln.core.errors import ConfigError
 from kiln.models.config import ModelConfig
+from kiln.models.layers import use_fused_ops
 
 
 def default_inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
@@ -60,11 +61,32 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin() * attention_scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [num_tokens, num_heads * head_dim] and k [num_tokens, num_kv_heads * head_dim]."""
-        # [num_tokens, 1, head_dim // 2], in the activations' dtype like the reference implementation.
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
-        return _rotate(q, cos, sin, self.head_dim), _rotate(k, cos, sin, self.head_dim)
+        """Rotate q [num_tokens, num_heads * head_dim] and k [num_tokens, num_kv_heads * head_dim].
+
+        On CUDA the fused kernel rotates q and k in place (in the fused qkv tensor they are views of) and
+        returns them; elsewhere the reference returns new tensors.
+        """
+        if use_fused_ops(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from kiln.kernels.triton_fused_ops import rotary_embedding_
+
+            rotary_embedding_(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim)
+            return q, k
+        return rotary_reference(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim)
+
+
+def rotary_reference(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated copies of q and k from the [max_positions, head_dim // 2] tables; the CPU path."""
+    # [num_tokens, 1, head_dim // 2], in the activations' dtype like the reference implementation.
+    cos = cos_cache[positions].to(q.dtype).unsqueeze(1)
+    sin = sin_cache[positions].to(q.dtype).unsqueeze(1)
+    return _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -197,15 +197,18 @@ def test_triton_engine_under_pressure_equals_the_reference(tmp_path: Path, prefi
     del engine
     roomy = EngineConfig(dtype="fp16", device="cuda", num_kv_blocks=64, max_seq_len=84, attention_backend="torch")
     reference = run_staggered(LLMEngine(source, roomy), params)
-    assert results == reference
-    # Against transformers in fp32: a request may only part ways at a near-tie of the fp32 logits.
+    # Same tokens as the reference attention, and as transformers in fp32, except where a request parts ways
+    # at a near-tie of the fp32 logits (the kernels round differently; fused norms and rotary too).
+    assert sum(results[key] == reference[key] for key in reference) >= len(reference) - 1
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to("cuda")
     for index, (prompt, expected) in enumerate(zip(prompts(), hf_greedy(source, "cuda"))):
-        ours = results[str(index)]
-        if ours == expected:
-            continue
-        first = next(i for i, (a, b) in enumerate(zip(ours, expected)) if a != b)
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + expected[:first]], device="cuda")).logits[0, -1]
-        top2 = logits.topk(2).values
-        assert (top2[0] - top2[1]).item() < 0.05, f"request {index} diverged at token {first} without a near-tie"
+        for other, name in ((reference[str(index)], "the reference attention"), (expected, "transformers")):
+            ours = results[str(index)]
+            if ours == other:
+                continue
+            first = next(i for i, (a, b) in enumerate(zip(ours, other)) if a != b)
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + ours[:first]], device="cuda")).logits[0, -1]
+            top2 = logits.topk(2).values
+            margin = (top2[0] - top2[1]).item()
+            assert margin < 0.05, f"request {index} left {name} at token {first} without a near-tie ({margin:.3f})"
