@@ -1,6 +1,5 @@
 """Scheduler decisions with exact values: chunks, block ids, prefix hits, preemption order."""
 
-
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.request import Request, RequestStatus
 from kiln.runtime.sampling_params import SamplingParams
