@@ -9,12 +9,15 @@ Under tensor parallelism (models/parallel.py) each layer is built with this rank
 loader cuts the rank's slice out of the full checkpoint tensor: column-parallel layers split their
 output rows (q/k/v by heads, KV heads replicated when there are fewer than ranks), row-parallel
 layers split their input columns and sum their outputs over the group, the embedding splits the
-vocabulary. With one rank every slice is the whole tensor.
+vocabulary. With one rank every slice is the whole tensor. A linear layer says where its rank's slice
+of the checkpoint weight lies (`weight_part`); the quantized layers that replace it cut their own
+tensors (packed int4, group scales) from the same parts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +84,24 @@ def rank_part(loaded: torch.Tensor, dim: int, start: int, length: int) -> torch.
         return loaded  # the loader's shape check reports a wrong shape
     if loaded.dim() <= dim or loaded.shape[dim] < start + length:
         raise WeightMappingError(f"shape {tuple(loaded.shape)} is too small for this rank's slice")
-    return loaded.narrow(dim, start, length)
+    # A row-major copy of its own: a view would keep the whole checkpoint tensor alive on every rank,
+    # and the quantized GEMMs read row-major weights.
+    return loaded.narrow(dim, start, length).clone(memory_format=torch.contiguous_format)
 
 
 def check_shape(got: torch.Size, expected: tuple[int, ...] | torch.Size) -> None:
     """Raise WeightMappingError unless a loaded tensor's shape is the expected one."""
     if tuple(got) != tuple(expected):
         raise WeightMappingError(f"shape {tuple(got)} does not match expected {tuple(expected)}")
+
+
+@dataclass(frozen=True)
+class RankPart:
+    """This rank's slice of a checkpoint weight: `length` rows (dim 0) or columns (dim 1) from `start`."""
+
+    dim: int
+    start: int
+    length: int
 
 
 class LinearBase(LoadableModule):
@@ -110,6 +124,19 @@ class LinearBase(LoadableModule):
         else:
             self.bias = None
 
+    def weight_part(self, shard_id: Hashable | None) -> RankPart | None:
+        """Where this rank's slice of the checkpoint weight (of one shard) lies; None when not split.
+
+        Quantized layers copy these parts (models/quantized_linear.py) to cut their own tensors.
+        """
+        return None
+
+    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+        part = self.weight_part(shard_id)
+        if part is None or (part.dim == 1 and name != "weight"):
+            return loaded  # a row-parallel bias is added once, after the sum over ranks
+        return rank_part(loaded, part.dim, part.start, part.length)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, input_size] -> [num_tokens, output_size]."""
         return F.linear(x, self.weight, self.bias)
@@ -121,8 +148,8 @@ class ColumnParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__(input_size, [tensor_parallel().split(output_size, "output size")], bias)
 
-    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
-        return rank_part(loaded, 0, tensor_parallel().rank * self.output_size, self.output_size)
+    def weight_part(self, shard_id: Hashable | None) -> RankPart | None:
+        return RankPart(0, tensor_parallel().rank * self.output_size, self.output_size)
 
 
 class RowParallelLinear(LinearBase):
@@ -131,10 +158,8 @@ class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
         super().__init__(tensor_parallel().split(input_size, "input size"), [output_size], bias)
 
-    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
-        if name != "weight":
-            return loaded  # the bias is added once, after the sum over ranks
-        return rank_part(loaded, 1, tensor_parallel().rank * self.input_size, self.input_size)
+    def weight_part(self, shard_id: Hashable | None) -> RankPart | None:
+        return RankPart(1, tensor_parallel().rank * self.input_size, self.input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, input_size / ranks] -> [num_tokens, output_size], summed over the ranks."""
@@ -156,9 +181,9 @@ class MergedColumnParallelLinear(LinearBase):
         offset = sum(self.output_partition_sizes[:shard_id])
         return offset, self.output_partition_sizes[shard_id]
 
-    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+    def weight_part(self, shard_id: Hashable | None) -> RankPart | None:
         size = self.output_partition_sizes[shard_id]
-        return rank_part(loaded, 0, tensor_parallel().rank * size, size)
+        return RankPart(0, tensor_parallel().rank * size, size)
 
 
 class QKVParallelLinear(LinearBase):
@@ -183,11 +208,11 @@ class QKVParallelLinear(LinearBase):
         offsets = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}
         return offsets[shard_id], self.q_size if shard_id == "q" else self.kv_size
 
-    def rank_slice(self, name: str, loaded: torch.Tensor, shard_id: Hashable | None) -> torch.Tensor:
+    def weight_part(self, shard_id: Hashable | None) -> RankPart | None:
         rank = tensor_parallel().rank
         if shard_id == "q":
-            return rank_part(loaded, 0, rank * self.q_size, self.q_size)
-        return rank_part(loaded, 0, rank // self.kv_replicas * self.kv_size, self.kv_size)
+            return RankPart(0, rank * self.q_size, self.q_size)
+        return RankPart(0, rank // self.kv_replicas * self.kv_size, self.kv_size)
 
 
 class VocabEmbedding(LoadableModule):

@@ -1,7 +1,8 @@
 """The quantization a ModelOpt checkpoint declares, and swapping our linear layers for quantized ones.
 
 config.json `quantization_config` (quant_method "modelopt") names the algorithm per model or, for
-MIXED_PRECISION, per HF module. Fused layers (qkv, gate_up) must be quantized alike.
+MIXED_PRECISION, per HF module. Fused layers (qkv, gate_up) must be quantized alike. Under tensor
+parallelism the quantized layers take the parallel layout of the layers they replace.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torch import nn
 from kiln.core.errors import ConfigError
 from kiln.models.layers import Attention
 from kiln.models.linear import LinearBase
-from kiln.models.parallel import tensor_parallel
 from kiln.models.quantized_linear import Fp8Linear, Int4Linear
 
 SUPPORTED_QUANT_ALGOS = ("FP8", "W4A16_AWQ")
@@ -81,8 +81,6 @@ class QuantConfig:
 
 def apply_quant_config(model: nn.Module, quant_config: QuantConfig) -> None:
     """Swap the (meta) linear layers of `model` for quantized ones, and add KV scales to attention."""
-    if tensor_parallel().size > 1:
-        raise ConfigError("quantized checkpoints do not run with tensor parallelism yet; use one GPU per model")
     packed = getattr(model, "packed_modules_mapping", {})
     for name, module in list(model.named_modules()):
         if isinstance(module, LinearBase):

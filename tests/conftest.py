@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random model directory and the built-in model converted once."""
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,24 @@ def serve_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("serve") / "tiny"
     convert(ConvertSpec(source=str(tiny_llama_dir), output=out, dtype="fp32"))
     return out
+
+
+@pytest.fixture(scope="session")
+def modelopt_checkpoint(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: the tiny Llama quantized by ModelOpt (format, int4 group size, KV cache dtype), once per session."""
+    pytest.importorskip("modelopt")  # a declared dependency (installed by `make test`); the GPU image lacks it
+    from kiln.quantize.modelopt_quantize import quantize_checkpoint
+
+    cache: dict[tuple, Path] = {}
+    rng = random.Random(1)
+    windows = [[rng.randrange(320) for _ in range(16)] for _ in range(4)]
+
+    def make(fmt: str, group_size: int = 128, kv_cache_dtype: str | None = None) -> Path:
+        key = (fmt, group_size, kv_cache_dtype)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("modelopt") / f"{fmt}-g{group_size}-kv-{kv_cache_dtype}"
+            quantize_checkpoint(tiny_llama_dir, out, fmt, windows, group_size=group_size, kv_cache_dtype=kv_cache_dtype)
+            cache[key] = out
+        return cache[key]
+
+    return make
