@@ -2,9 +2,10 @@
 
 The plan is made and checked before anything is loaded. The weights are loaded on the CPU with our
 loader (so any machine builds, and the same input gives the same bytes), written in the runtime
-layout, and the engine's manifest records the resolved options, the memory plan and the
-fingerprint. Built on a GPU of the target's architecture, the engine is then started once with the
-Triton cache pointed into it, so its compiled kernels travel with it.
+layout (one file per tensor-parallel rank: build/rank_weights.py), and the engine's manifest
+records the resolved options, the memory plan and the fingerprint. Built on a GPU of the target's
+architecture, the engine is then started once with the Triton cache pointed into it, so its
+compiled kernels travel with it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from kiln.build.planner import MemoryPlan, PlanRequest, plan_memory
+from kiln.build.rank_weights import write_rank_weights
 from kiln.core.artifact import Artifact, ArtifactWriter, check_output_dir, load_artifact, parent_ref_for
 from kiln.core.dtypes import canonical_dtype_name, cpu_has_fast_half_precision, torch_dtype
 from kiln.core.errors import UserInputError
@@ -26,7 +28,6 @@ from kiln.core.fingerprint import make_fingerprint
 from kiln.core.gpu_targets import GpuTarget, current_device_target, resolve_target
 from kiln.core.hf_checkpoint import read_config_json
 from kiln.models.config import ModelConfig
-from kiln.models.engine_weights import write_engine_weights
 from kiln.models.quant_config import QuantConfig
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def engine_options(plan: BuildPlan) -> dict[str, Any]:
         "kv_cache_dtype": request.kv_cache_dtype,
         "kv_cache_memory_fraction": request.kv_cache_memory_fraction,
         "cuda_graph_batch_sizes": list(plan.cuda_graph_batch_sizes),
+        "tp_size": request.tp_size,  # not a default but a requirement: the engine has one weight file per rank
     }
     if plan.target.is_cpu:  # nothing to measure on the CPU: the plan's block count is the cache
         options["num_kv_blocks"] = plan.memory.num_kv_blocks
@@ -143,20 +145,12 @@ def build(spec: BuildSpec) -> tuple[BuildPlan, Artifact | None]:
         return plan, None
     if spec.output is None:
         raise UserInputError("give the engine directory with -o/--output (or --dry-run to print the plan only)")
-    if spec.tp_size > 1:
-        raise UserInputError(
-            "--tp-size > 1 plans per-rank memory (try --dry-run), but writing per-rank weight files comes with "
-            "tensor parallelism (issue 9); build with --tp-size 1"
-        )
     check_output_dir(spec.output, spec.force)
     from kiln.convert.stage import model_summary
-    from kiln.models.loader import load_model
 
     dtype = torch_dtype(canonical_dtype_name(config_dtype(plan)))
-    model, config = load_model(spec.source, dtype=dtype, device="cpu", dummy_weights=spec.dummy_weights)
     with ArtifactWriter(spec.output, kind="engine", force=spec.force) as writer:
-        write_engine_weights(model, writer.path)
-        del model
+        config = write_rank_weights(spec.source, writer.path, spec.tp_size, dtype, spec.dummy_weights)
         for path in sorted(Path(spec.source).iterdir()):
             if path.is_file() and not path.name.endswith(_NOT_COPIED_SUFFIXES) and path.name not in _NOT_COPIED_NAMES:
                 shutil.copyfile(path, writer.path / path.name)
@@ -165,7 +159,7 @@ def build(spec: BuildSpec) -> tuple[BuildPlan, Artifact | None]:
             "engine_options": engine_options(plan),
             "fingerprint": make_fingerprint(plan.target),
         }
-        if _can_warm_kernels(plan.target):
+        if _can_warm_kernels(plan):
             extra["kernel_cache"] = _warm_kernel_cache(writer.path, plan)
         spec_record = {
             "stage": "build",
@@ -190,8 +184,10 @@ def config_dtype(plan: BuildPlan) -> str:
     return canonical_dtype_name(plan.model.torch_dtype or "fp32")
 
 
-def _can_warm_kernels(target: GpuTarget) -> bool:
-    if target.is_cpu or not torch.cuda.is_available():
+def _can_warm_kernels(plan: BuildPlan) -> bool:
+    target = plan.target
+    # Tensor parallelism runs on the CPU only so far (gloo): a multi-rank engine cannot start on a GPU yet.
+    if target.is_cpu or plan.request.tp_size > 1 or not torch.cuda.is_available():
         return False
     return current_device_target(torch.device("cuda")).arch == target.arch
 

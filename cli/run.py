@@ -45,7 +45,9 @@ def run_command(
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching"),
     attention_backend: str = typer.Option("auto", "--attention-backend", help="auto|torch|triton."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode steps from graphs."),
-    tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel ranks (worker processes; CPU for now)."),
+    tp_size: int | None = typer.Option(
+        None, "--tp-size", help="Tensor-parallel ranks (worker processes; CPU for now) [default: the engine's, else 1]."
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write one JSON line per prompt here."),
     as_json: bool = typer.Option(False, "--json", help="Print all results as one JSON document on stdout."),
 ) -> None:

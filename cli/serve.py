@@ -24,7 +24,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "enable_prefix_caching": True,
     "attention_backend": "auto",
     "enable_cuda_graphs": True,
-    "tp_size": 1,
+    "tp_size": None,  # the engine's, else 1
 }
 
 

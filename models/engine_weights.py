@@ -4,6 +4,9 @@ Writing takes the state dict of a model our loader built (q/k/v and gate/up alre
 tensors in the layout the kernels read), so loading an engine is a name-for-name assignment from a
 memory-mapped file: no renaming, fusing or re-quantizing. Tensors are written in sorted name order
 with fixed metadata, so the same checkpoint gives byte-identical files on any machine.
+
+An engine built for N tensor-parallel ranks holds N files, each that rank's shards as its model holds
+them after loading; rank r reads `rank{r}.safetensors` only, and only when it runs as rank r of N.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kiln.core.errors import WeightMappingError
+from kiln.core.errors import ArtifactError, UserInputError, WeightMappingError
+from kiln.core.manifest import MANIFEST_NAME, Manifest, parse_manifest
 
 ENGINE_FORMAT = "kiln-runtime-v1"  # safetensors metadata "format": the layout of the names below
 
@@ -23,6 +27,34 @@ ENGINE_FORMAT = "kiln-runtime-v1"  # safetensors metadata "format": the layout o
 def rank_file_name(rank: int) -> str:
     """The weight file of one tensor-parallel rank."""
     return f"rank{rank}.safetensors"
+
+
+def engine_tp_size(manifest: Manifest) -> int:
+    """The tensor-parallel size an engine was built for (engines from before per-rank files: 1)."""
+    return int((manifest.extra.get("engine_options") or {}).get("tp_size", 1))
+
+
+def check_engine_tp_size(built: int, asked: int) -> None:
+    """Refuse to run an engine with another tensor-parallel size than it was built for."""
+    if built != asked:
+        raise UserInputError(
+            f"this engine was built for tp_size={built} (one weight file per rank) but tp_size={asked} was asked: "
+            f"run it with --tp-size {built} (LLM(..., tp_size={built})), or rebuild it with "
+            f"`kiln build ... --tp-size {asked}`"
+        )
+
+
+def engine_weight_file(model_dir: Path, rank: int, tp_size: int) -> Path | None:
+    """The one file rank `rank` of `tp_size` loads from an engine; None for a directory that is no engine."""
+    if not any((model_dir / rank_file_name(r)).is_file() for r in (0, rank)):
+        return None
+    manifest_path = model_dir / MANIFEST_NAME
+    if manifest_path.is_file():  # read directly: the loader of one rank need not look at the others' files
+        check_engine_tp_size(engine_tp_size(parse_manifest(manifest_path.read_text(), str(manifest_path))), tp_size)
+    path = model_dir / rank_file_name(rank)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; the engine is damaged, rebuild or re-copy it")
+    return path
 
 
 def write_engine_weights(model: nn.Module, out_dir: Path, rank: int = 0) -> Path:

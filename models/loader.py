@@ -20,8 +20,9 @@ from kiln.core.errors import WeightMappingError
 from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, read_config_json
 from kiln.models.config import ModelConfig
 from kiln.models.dummy_weights import random_weights
-from kiln.models.engine_weights import load_engine_weights, rank_file_name
+from kiln.models.engine_weights import engine_weight_file, load_engine_weights
 from kiln.models.linear import check_shape
+from kiln.models.parallel import tensor_parallel
 from kiln.models.quant_config import QuantConfig, apply_quant_config
 from kiln.models.registry import get_model_class
 
@@ -61,10 +62,11 @@ def load_model(
         model = model_class(config)
         if quant_config is not None:
             apply_quant_config(model, quant_config)  # ModelOpt checkpoint: quantized linear layers
-    engine_weights = checkpoint_dir / rank_file_name(0)
+    tp = tensor_parallel()
+    engine_weights = None if dummy_weights else engine_weight_file(checkpoint_dir, tp.rank, tp.size)
     if dummy_weights:
         random_weights(model, dtype, device)
-    elif engine_weights.is_file():  # a `kiln build` engine: tensors already in the runtime layout
+    elif engine_weights is not None:  # a `kiln build` engine: this rank's tensors, already in the runtime layout
         load_engine_weights(model, engine_weights, dtype, device)
     else:
         load_weights(model, iter_safetensors(find_weight_files(checkpoint_dir)), dtype, device)

@@ -2,6 +2,7 @@
 
 An engine fixes what it was planned for: options left at their defaults take the engine's values, and
 asking for more than it was built for (a longer max_seq_len, a larger batch) is refused. Its
+tensor-parallel size is fixed by its weight files (one per rank), so it must be asked for exactly. Its
 fingerprint must match this device's architecture; its compiled Triton kernels are copied into
 Triton's cache so the first start skips compiling them.
 """
@@ -19,6 +20,7 @@ import torch
 from kiln.core.artifact import is_artifact, load_artifact
 from kiln.core.errors import UserInputError
 from kiln.core.manifest import Manifest
+from kiln.models.engine_weights import check_engine_tp_size, engine_tp_size
 from kiln.runtime.engine_config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,11 @@ def engine_manifest(model_dir: Path) -> Manifest | None:
 
 def apply_engine_options(config: EngineConfig, manifest: Manifest) -> EngineConfig:
     """`config` with the engine's options wherever it holds EngineConfig's defaults."""
-    built = manifest.extra.get("engine_options") or {}
+    built_tp_size = engine_tp_size(manifest)  # the engine holds one weight file per rank: a requirement
+    if config.tp_size is None:
+        config = dataclasses.replace(config, tp_size=built_tp_size)
+    check_engine_tp_size(built_tp_size, config.tp_size)  # before any worker process starts
+    built = {name: value for name, value in (manifest.extra.get("engine_options") or {}).items() if name != "tp_size"}
     defaults = EngineConfig()
     changes = {}
     for name, value in built.items():

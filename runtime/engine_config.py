@@ -34,7 +34,7 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # the decode batch sizes captured (None = buckets)
     seed: int = 0  # seeds the requests that bring none, so whole runs reproduce
     dummy_weights: bool = False  # random weights made on the device (benchmarks without checkpoints)
-    tp_size: int = 1  # tensor-parallel ranks (CPU with gloo for now); rank 0 is this process
+    tp_size: int | None = None  # tensor-parallel ranks (CPU with gloo for now); None = the engine's, else 1
     tp_timeout_s: float = 60.0  # a rank silent this long ends the run with an error
 
     def __post_init__(self) -> None:
@@ -42,7 +42,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UserInputError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+        if self.tp_size is not None and (not isinstance(self.tp_size, int) or self.tp_size < 1):
             raise UserInputError(f"tp_size must be a positive integer, got {self.tp_size!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise UserInputError(f"block_size must be a power of two, got {self.block_size}")

@@ -93,6 +93,7 @@ def _worker_main(rank: int, size: int, init: str, model_dir: str, dtype, timeout
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
     set_tensor_parallel(rank, size, dist.group.WORLD)
     try:
+        # A checkpoint: this rank's slices cut while loading; an engine: its own rank{rank}.safetensors only.
         model, config = load_model(Path(model_dir), dtype=dtype, device="cpu")
         spec = _receive()
         backend = select_attention_backend(
