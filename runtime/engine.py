@@ -1,5 +1,6 @@
 """The engine: `step = schedule -> execute -> update`, plus requests in and outputs out."""
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -56,10 +57,21 @@ class LLMEngine:
         if manifest is not None:  # a `kiln build` engine: its planned options, its fingerprint, its kernels
             config = apply_engine_options(config, manifest)
             prepare_engine(model_dir, manifest, device)
+        if config.tp_size is None:
+            config = dataclasses.replace(config, tp_size=1)
         self.config = config
         self.model_dir = model_dir
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
         self.tp_workers = self._start_tensor_parallel(model_dir, dtype, device)
+        try:
+            self._set_up(model_dir, dtype, device)
+        except BaseException:
+            self.shutdown()  # a refusal or failure on rank 0 must not leave worker processes behind
+            raise
+
+    def _set_up(self, model_dir: Path, dtype: torch.dtype | None, device: torch.device) -> None:
+        """Load the model, size and allocate the KV cache, pick the attention backend, capture graphs."""
+        config = self.config
         self.model, self.model_config = load_model(
             model_dir, dtype=dtype, device=device, dummy_weights=config.dummy_weights
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from kiln import LLM, SamplingParams
+from kiln.core.errors import ConfigError
+from kiln.models.parallel import tensor_parallel
 from kiln.runtime.tp_workers import TensorParallelError
 
 PROMPTS = [[1, 5, 9, 77, 3, 250, 6], [1, 200, 31], list(range(40, 71))]
@@ -28,6 +31,30 @@ def test_tp_greedy_tokens_and_prompt_logprobs_equal_one_rank(serve_checkpoint: P
     for ours, theirs in zip(got, expected):
         for a, b in zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
             assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
+@pytest.mark.parametrize("fmt,kv_cache_dtype", [("fp8", "fp8"), ("int4-awq", None)])
+def test_quantized_tp_greedy_tokens_equal_one_rank(modelopt_checkpoint, fmt: str, kv_cache_dtype: str | None) -> None:
+    # fp8 with its calibrated FP8 KV cache (the k/v scales whole on every rank); int4 in groups of 16, so
+    # each rank's o_proj and down_proj inputs (32, 64) are whole groups.
+    path = modelopt_checkpoint(fmt, 16, kv_cache_dtype)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = LLM(str(path), device="cpu", num_kv_blocks=64).generate(PROMPTS, params)
+    llm = LLM(str(path), device="cpu", num_kv_blocks=64, tp_size=2)
+    try:
+        got = llm.generate(PROMPTS, params)
+    finally:
+        llm.engine.shutdown()
+    assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+
+
+def test_a_refusal_on_rank_0_leaves_no_worker_behind(modelopt_checkpoint) -> None:
+    # int4 groups of 128 cannot be split between 2 ranks: rank 0 refuses while loading, after the workers started.
+    path = modelopt_checkpoint("int4-wo", 128)
+    with pytest.raises(ConfigError, match="smaller --group-size"):
+        LLM(str(path), device="cpu", num_kv_blocks=64, tp_size=2, tp_timeout_s=20)
+    assert multiprocessing.active_children() == []
+    assert tensor_parallel().size == 1
 
 
 def test_a_killed_worker_ends_the_run_with_an_error(serve_checkpoint: Path) -> None:
