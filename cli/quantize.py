@@ -16,6 +16,9 @@ def quantize_command(
     calib_size: int = typer.Option(32, "--calib-size", help="Calibration windows."),
     calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Tokens per calibration window."),
     group_size: int = typer.Option(128, "--group-size", help="INT4 group size (reduced per layer to fit)."),
+    awq_clip: bool = typer.Option(
+        False, "--awq-clip", help="int4-awq: also search each group's clipping (better quality; slow on a CPU)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N."),
     max_ppl_increase: float | None = typer.Option(
@@ -40,6 +43,7 @@ def quantize_command(
         calib_size=calib_size,
         calib_seq_len=calib_seq_len,
         group_size=group_size,
+        awq_clip=awq_clip,
         kv_cache_dtype=kv_cache_dtype,
         seed=seed,
         max_ppl_increase=max_ppl_increase,

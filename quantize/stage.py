@@ -31,6 +31,7 @@ class QuantizeSpec:
     calib_size: int = 32  # calibration windows
     calib_seq_len: int = 256
     group_size: int = 128
+    awq_clip: bool = False  # int4-awq: add AWQ's clipping search (better, much slower on a CPU)
     kv_cache_dtype: str | None = None
     seed: int = 0
     max_ppl_increase: float | None = None  # percent; None = the format's default gate
@@ -51,6 +52,8 @@ def quantize(spec: QuantizeSpec) -> Artifact:
     gate = fmt.max_ppl_increase_pct if spec.max_ppl_increase is None else spec.max_ppl_increase
     if gate < 0:
         raise UserInputError(f"--max-ppl-increase must be >= 0 percent, got {gate}")
+    if spec.awq_clip and spec.format != "int4-awq":
+        raise UserInputError(f"--awq-clip refines AWQ's int4 scales; it does not apply to --format {spec.format}")
     check_output_dir(spec.output, spec.force)
     source_dir = Path(spec.source)
     if not (source_dir / "config.json").is_file():
@@ -69,6 +72,7 @@ def quantize(spec: QuantizeSpec) -> Artifact:
                 spec.kv_cache_dtype,
                 spec.device,
                 spec.seed,
+                spec.awq_clip,
             )
         report = evaluate(
             writer.path, spec.eval_data, compare_dir=source_dir, seq_len=spec.eval_seq_len,

@@ -119,3 +119,19 @@ def test_refusals(tiny_llama_dir, tmp_path):
     (tmp_path / "c" / "x").write_text("x")
     with pytest.raises(OutputExistsError):
         quantize_checkpoint(tiny_llama_dir, tmp_path / "c", "int4-wo", [])
+
+
+def test_int4_scales_are_searched(exported, tiny_llama_dir, tmp_path):
+    # int4-wo searches each group's scale (ModelOpt's mse); int4-awq keeps awq_lite unless awq_clip asks for
+    # AWQ's clipping search too, which changes the group scales.
+    from kiln.quantize.formats import get_format
+    from kiln.quantize.modelopt_quantize import AWQ_FULL, INT4_WO_SCALE_SEARCH, modelopt_config
+
+    assert modelopt_config(get_format("int4-wo"), 32, {}, None)["algorithm"] == INT4_WO_SCALE_SEARCH
+    assert modelopt_config(get_format("int4-awq"), 32, {}, None)["algorithm"]["method"] == "awq_lite"
+    assert modelopt_config(get_format("int4-awq"), 32, {}, None, awq_clip=True)["algorithm"] == AWQ_FULL
+    clipped = quantize_checkpoint(tiny_llama_dir, tmp_path / "clip", "int4-awq", calib_windows(), awq_clip=True)
+    tensors = tensors_of(clipped.out_dir)
+    lite = tensors_of(exported("int4-awq"))
+    name = "model.layers.0.mlp.down_proj.weight_scale"
+    assert tensors[name].shape == lite[name].shape and not torch.equal(tensors[name], lite[name])
