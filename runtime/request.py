@@ -16,7 +16,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `request in running` must not compare every field of every request
 class Request:
     """Mutable state of one sequence being generated (one of the n samples of a user request)."""
 
