@@ -158,6 +158,7 @@ def throughput_command(
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
     kv_cache_dtype: str | None = typer.Option(None, "--kv-cache-dtype"),
     tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks (CPU for now)."),
+    pp_size: int | None = typer.Option(None, "--pp-size", help="Pipeline stages (CPU for now)."),
     output: Path | None = OUTPUT,
     force: bool = FORCE,
     as_json: bool = AS_JSON,
@@ -173,6 +174,7 @@ def throughput_command(
         max_seq_len=max_seq_len,
         kv_cache_dtype=kv_cache_dtype,
         tp_size=tp_size,
+        pp_size=pp_size,
     )
     options = {"workload": _workload(num_requests, input_len, output_len, len_std, dataset, seed), "engine": engine}
     _offline(

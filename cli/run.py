@@ -48,6 +48,9 @@ def run_command(
     tp_size: int | None = typer.Option(
         None, "--tp-size", help="Tensor-parallel ranks (worker processes; CPU for now) [default: the engine's, else 1]."
     ),
+    pp_size: int = typer.Option(
+        1, "--pp-size", help="Pipeline stages, layers split across processes (CPU for now; not with --tp-size)."
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write one JSON line per prompt here."),
     as_json: bool = typer.Option(False, "--json", help="Print all results as one JSON document on stdout."),
 ) -> None:
@@ -87,6 +90,7 @@ def run_command(
             attention_backend=attention_backend,
             enable_cuda_graphs=cuda_graphs,
             tp_size=tp_size,
+            pp_size=pp_size,
         )
     load_seconds = time.perf_counter() - start
     token_prompts = [_encode(llm, item, chat) for item in items]

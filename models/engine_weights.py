@@ -20,6 +20,7 @@ from torch import nn
 
 from kiln.core.errors import ArtifactError, UserInputError, WeightMappingError
 from kiln.core.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from kiln.models.pipeline import other_stage_prefixes
 
 ENGINE_FORMAT = "kiln-runtime-v1"  # safetensors metadata "format": the layout of the names below
 
@@ -73,7 +74,11 @@ def write_engine_weights(model: nn.Module, out_dir: Path, rank: int = 0) -> Path
 
 
 def load_engine_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device) -> None:
-    """Assign every tensor of an engine weight file to the parameter of the same name (built on meta)."""
+    """Assign every tensor of an engine weight file to the parameter of the same name (built on meta).
+
+    A pipeline stage takes only the tensors of the modules it holds.
+    """
+    other_stages = other_stage_prefixes(model)
     expected = {name for name, param in model.named_parameters() if not getattr(param, "optional", False)}
     optional = {name for name, param in model.named_parameters() if getattr(param, "optional", False)}
     unknown = []
@@ -81,6 +86,8 @@ def load_engine_weights(model: nn.Module, path: Path, dtype: torch.dtype, device
         if (weights.metadata() or {}).get("format") != ENGINE_FORMAT:
             raise WeightMappingError(f"{path.name} is not a kiln engine weight file ({ENGINE_FORMAT})")
         for name in weights.keys():
+            if name.startswith(other_stages):
+                continue
             if name not in expected and name not in optional:
                 unknown.append(name)
                 continue

@@ -15,6 +15,7 @@ from kiln.models.linear import (
     VocabEmbedding,
 )
 from kiln.models.parallel import all_gather_last_dim
+from kiln.models.pipeline import OtherStage, pipeline_stage
 from kiln.models.rotary import RotaryEmbedding
 
 
@@ -92,25 +93,49 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers and final norm (the HF `model.` prefix)."""
+    """Embedding, decoder layers and final norm (the HF `model.` prefix); a pipeline stage holds only its part."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.stage = pipeline_stage()
+        self.stage_layers = self.stage.layers(config.num_layers)
+        # The last stage keeps the embedding table too when the LM head is tied to it.
+        has_embedding = self.stage.is_first or (self.stage.is_last and config.tie_word_embeddings)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size) if has_embedding else OtherStage()
         rotary_emb = RotaryEmbedding(config)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary_emb) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotary_emb) if i in self.stage_layers else OtherStage()
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.stage.is_last else OtherStage()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         """[num_tokens] token ids and positions -> final hidden states [num_tokens, hidden]."""
-        hidden_states = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
-        hidden_states, _ = self.norm(hidden_states, residual)
+        hidden_states, _ = self.forward_stage(input_ids, positions, attn_metadata)
         return hidden_states
+
+    def forward_stage(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This stage's part of forward, as (hidden_states, residual), each [num_tokens, hidden].
+
+        The first stage starts from `input_ids`, the others from the previous stage's (hidden_states,
+        residual); the last stage returns the final norm's output. One stage: the whole forward.
+        """
+        if self.stage.is_first:
+            hidden_states = self.embed_tokens(input_ids)
+        for i in self.stage_layers:
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual, attn_metadata)
+        if self.stage.is_last:
+            hidden_states, residual = self.norm(hidden_states, residual)
+        return hidden_states, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -133,13 +158,30 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         # Tied: the logits reuse the embedding table, so there is no lm_head parameter to load.
         # Untied: a table of the embedding's shape and vocabulary split (ranks hold rows of the logits).
-        self.lm_head = None if config.tie_word_embeddings else VocabEmbedding(config.vocab_size, config.hidden_size)
+        # Under pipeline parallelism only the last stage computes logits.
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        elif self.model.stage.is_last:
+            self.lm_head = VocabEmbedding(config.vocab_size, config.hidden_size)
+        else:
+            self.lm_head = OtherStage()
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         """[num_tokens] ids and positions -> hidden states [num_tokens, hidden]."""
         return self.model(input_ids, positions, attn_metadata)
+
+    def forward_stage(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        hidden_states: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This pipeline stage's part of forward (see LlamaModel.forward_stage)."""
+        return self.model.forward_stage(input_ids, positions, attn_metadata, hidden_states, residual)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> fp32 logits [n, vocab_size]."""

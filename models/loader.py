@@ -23,6 +23,7 @@ from kiln.models.dummy_weights import random_weights
 from kiln.models.engine_weights import engine_weight_file, load_engine_weights
 from kiln.models.linear import check_shape
 from kiln.models.parallel import tensor_parallel
+from kiln.models.pipeline import other_stage_prefixes
 from kiln.models.quant_config import QuantConfig, apply_quant_config
 from kiln.models.registry import get_model_class
 
@@ -92,8 +93,13 @@ def load_weights(
     dtype: torch.dtype | None,
     device: str | torch.device,
 ) -> None:
-    """Load HF-named tensors into `model`, raising WeightMappingError unless they match one-to-one."""
+    """Load HF-named tensors into `model`, raising WeightMappingError unless they match one-to-one.
+
+    A pipeline stage loads only what it holds: tensors of modules held by other stages are skipped, and
+    coverage is checked for the stage's own parameters (every stage checks its part, so all are covered).
+    """
     device = torch.device(device)
+    other_stages = other_stage_prefixes(model)
     packed = getattr(model, "packed_modules_mapping", {})
     skip = set()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
@@ -114,6 +120,8 @@ def load_weights(
         if source_name in skip or source_name.endswith(_COMPUTED_SUFFIXES):
             continue
         target, shard_id = _target_of(_renamed(source_name, renamed), packed)
+        if target.startswith(other_stages):
+            continue
         if target not in expected and target not in optional:
             unused.append(source_name)
             continue

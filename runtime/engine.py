@@ -22,6 +22,7 @@ from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import plan_num_blocks
 from kiln.runtime.model_runner import ModelRunner, kv_cache_block_bytes
 from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.pipeline_workers import StageGroup, check_pipeline_options
 from kiln.runtime.request import Request
 from kiln.runtime.request_group import RequestGroup
 from kiln.runtime.sampling_params import SamplingParams
@@ -62,6 +63,7 @@ class LLMEngine:
         self.config = config
         self.model_dir = model_dir
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
+        self.pp_workers = self._start_pipeline_parallel(model_dir, dtype, device)
         self.tp_workers = self._start_tensor_parallel(model_dir, dtype, device)
         try:
             self._set_up(model_dir, dtype, device)
@@ -94,7 +96,9 @@ class LLMEngine:
             kv_cache_dtype=self.kv_cache_dtype,
         )
         self.limits = EngineLimits(**{**self.limits.__dict__, "attention_backend": backend.name})
-        self.runner = ModelRunner(
+        workers = self.tp_workers or self.pp_workers
+        runner_class = workers.runner_class() if workers is not None else ModelRunner
+        self.runner = runner_class(
             self.model,
             self.model_config,
             self.kv_cache,
@@ -103,11 +107,11 @@ class LLMEngine:
             backend,
             kv_cache_dtype=self.kv_cache_dtype,
         )
-        if self.tp_workers is not None:
-            self.tp_workers.broadcast(
+        if workers is not None:
+            workers.broadcast(
                 CacheSpec(self.limits.num_kv_blocks, config.block_size, self.kv_cache_dtype, backend.name)
             )
-            self.runner.broadcast = self.tp_workers.broadcast
+            self.runner.broadcast = workers.broadcast
         if config.enable_cuda_graphs and backend.name == "triton":
             self.runner.decode_graphs = self._capture_decode_graphs(device)
         self.scheduler = Scheduler(self.kv_cache, self.limits.max_batch_size, self.limits.max_num_tokens)
@@ -131,11 +135,21 @@ class LLMEngine:
             )
         return WorkerGroup(model_dir, self.config.tp_size, dtype, self.config.tp_timeout_s)
 
+    def _start_pipeline_parallel(self, model_dir: Path, dtype: torch.dtype | None, device: torch.device):
+        """Processes for pipeline stages 1..M-1 (before the model loads: every stage loads only its layers)."""
+        if self.config.pp_size == 1:
+            return None
+        check_pipeline_options(model_dir, self.config.pp_size, self.config.tp_size, device)
+        return StageGroup(model_dir, self.config.pp_size, dtype, self.config.tp_timeout_s)
+
     def shutdown(self) -> None:
-        """Stop tensor-parallel workers (nothing to do without them)."""
+        """Stop tensor-parallel workers or pipeline stages (nothing to do without them)."""
         if self.tp_workers is not None:
             self.tp_workers.shutdown()
             self.tp_workers = None
+        if self.pp_workers is not None:
+            self.pp_workers.shutdown()
+            self.pp_workers = None
 
     def _attention_layers(self) -> list[Attention]:
         return [module for module in self.model.modules() if isinstance(module, Attention)]
@@ -163,7 +177,9 @@ class LLMEngine:
             )
         max_batch_size = config.max_batch_size or (256 if device.type == "cuda" else 32)
         max_num_tokens = config.max_num_tokens or (8192 if device.type == "cuda" else 2048)
-        block_bytes = kv_cache_block_bytes(model_config, config.block_size, self.kv_cache_dtype)
+        # This process's layers: a pipeline stage caches only its own (stage 0 holds the most).
+        num_layers = len(self._attention_layers())
+        block_bytes = kv_cache_block_bytes(model_config, config.block_size, self.kv_cache_dtype, num_layers)
         num_kv_blocks = config.num_kv_blocks or plan_num_blocks(
             model=self.model,
             config=model_config,

@@ -64,10 +64,13 @@ class StepInputs:
     logit_rows: list[list[int]]  # row groups whose logits are computed, in order: prompt logprobs, then sampling
 
 
-def kv_cache_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block across all layers (keys and values)."""
+def kv_cache_block_bytes(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, num_layers: int | None = None
+) -> int:
+    """Bytes of one KV block across all layers, or `num_layers` of them (keys and values)."""
     element_bytes = torch.tensor([], dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element_bytes
+    num_layers = config.num_layers if num_layers is None else num_layers
+    return 2 * num_layers * block_size * config.num_kv_heads * config.head_dim * element_bytes
 
 
 def kv_cache_scales(layer: Attention, cache_dtype: torch.dtype) -> tuple[float, float]:

@@ -1,0 +1,96 @@
+"""One pipeline stage's step: micro-batches through this stage's layers, activations sent point to point.
+
+Every stage runs `run_step` on the step rank 0 broadcast and splits it into the same micro-batches.
+Stage s receives micro-batch k's (hidden, residual) from stage s-1, runs its layers and sends the
+result on to stage s+1 without waiting for it to arrive (isend), so it can start on micro-batch k+1
+while stage s+1 works on k: with M stages, up to M micro-batches are in flight. The last stage applies
+the final norm, computes the logits of the rows the step asks for and sends them to rank 0 (stage 0),
+which samples as it does without pipeline parallelism. Every message has a fixed shape both sides
+derive from the step, and a tag (the micro-batch's index), so no sizes travel and nothing is mismatched.
+Every wait is bounded by the process group's timeout: a stage that died or hangs ends the step with an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from kiln.core.host_transfer import to_device
+from kiln.kernels.attention import AttentionMetadata
+from kiln.models.pipeline import pipeline_stage
+from kiln.runtime.micro_batches import MicroBatch, gather_logit_groups, split_micro_batches
+from kiln.runtime.model_runner import ModelRunner, StepInputs, select_rows
+from kiln.runtime.pipeline_workers import PipelineParallelError
+
+
+class PipelineRunner(ModelRunner):
+    """A ModelRunner whose forward is this stage's part of a pipeline (its layers, its KV cache)."""
+
+    @torch.inference_mode()
+    def run_step(self, step: StepInputs) -> list[torch.Tensor]:
+        """Run this stage over the step's micro-batches; rank 0 returns the logits groups, other stages []."""
+        stage = pipeline_stage()
+        micro_batches = split_micro_batches(step, stage.size)
+        logits = self._post_logit_receives(micro_batches) if stage.is_first else []
+        sends = [self._run_micro_batch(k, micro_batch) for k, micro_batch in enumerate(micro_batches)]
+        with _peers_answering():
+            for _, work in sends + logits:  # `sends` keeps each tensor referenced until its send completed
+                if work is not None:
+                    work.wait()
+        if not stage.is_first:
+            return []
+        received = [tensor for tensor, _ in logits]
+        return gather_logit_groups(step, torch.cat(received)) if received else []
+
+    def _post_logit_receives(self, micro_batches: list[MicroBatch]) -> list[tuple[torch.Tensor, dist.Work]]:
+        """Rank 0: receives for the last stage's fp32 logits [rows, vocab] of each micro-batch, posted up front."""
+        last = pipeline_stage().size - 1
+        receives = []
+        for k, micro_batch in enumerate(micro_batches):
+            if micro_batch.num_logit_rows:
+                buffer = torch.empty(micro_batch.num_logit_rows, self.config.vocab_size, dtype=torch.float32)
+                with _peers_answering():
+                    receives.append((buffer, dist.irecv(buffer, src=last, tag=k)))
+        return receives
+
+    def _run_micro_batch(self, k: int, micro_batch: MicroBatch) -> tuple[torch.Tensor | None, dist.Work | None]:
+        """Receive (unless first), run this stage's layers, start the send onward; returns what is being sent."""
+        stage = pipeline_stage()
+        inputs = micro_batch.inputs
+        metadata = AttentionMetadata.build(
+            query_lens=inputs.query_lens,
+            seq_lens=inputs.seq_lens,
+            device=self.device,
+            slot_mapping=inputs.slot_mapping,
+            block_tables=inputs.block_tables,
+        )
+        staged = to_device([inputs.input_ids, inputs.positions], torch.int64, self.device)  # [2, num_tokens]
+        hidden, residual = None, None
+        if not stage.is_first:
+            # [2, num_tokens, hidden]: the previous stage's hidden states and residual stream, stacked
+            received = torch.empty(2, micro_batch.num_tokens, self.config.hidden_size, dtype=self.dtype)
+            with _peers_answering():
+                dist.irecv(received, src=stage.rank - 1, tag=k).wait()
+            hidden, residual = received[0], received[1]
+        hidden, residual = self.model.forward_stage(staged[0], staged[1], metadata, hidden, residual)
+        if stage.is_last and not micro_batch.num_logit_rows:
+            return None, None
+        if stage.is_last:
+            outgoing, destination = self.model.compute_logits(select_rows(hidden, inputs.logit_rows[0])), 0  # fp32
+        else:
+            outgoing, destination = torch.stack([hidden, residual]), stage.rank + 1
+        outgoing = outgoing.contiguous()  # the very tensor sent is returned: it must live until the send completes
+        with _peers_answering():
+            return outgoing, dist.isend(outgoing, dst=destination, tag=k)
+
+
+@contextmanager
+def _peers_answering() -> Iterator[None]:
+    """Turn gloo's errors (a peer closed its connection, or the timeout passed) into PipelineParallelError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise PipelineParallelError(f"a pipeline stage stopped answering: {exc}") from exc

@@ -1,0 +1,66 @@
+"""Pipeline-parallel stage processes on one machine, driven by stage 0 (the engine's process).
+
+Same group mechanics as tensor parallelism (runtime/tp_workers.py): stages 1..M-1 are child processes
+joined over gloo, rank 0 schedules and broadcasts each step's inputs and the KV cache's size, and every
+stage runs the step; here each stage builds and loads only its decoder layers, allocates KV cache for
+them alone (with rank 0's block ids) and runs its part of every micro-batch (runtime/pipeline_runner.py).
+CPU only for now (gloo), and not combined with tensor parallelism yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from kiln.core.errors import KilnError, UserInputError
+from kiln.core.hf_checkpoint import read_config_json
+from kiln.models.config import ModelConfig
+from kiln.models.pipeline import set_pipeline_stage, stage_layers
+from kiln.runtime.tp_workers import WorkerGroup
+
+if TYPE_CHECKING:
+    from kiln.runtime.model_runner import ModelRunner
+
+
+class PipelineParallelError(KilnError):
+    """A pipeline stage failed or stopped answering."""
+
+
+class StageGroup(WorkerGroup):
+    """Stages 1..M-1 as child processes; stage 0 is the calling process."""
+
+    kind = "pipeline-parallel"
+    error = PipelineParallelError
+
+    @staticmethod
+    def join(rank: int, size: int) -> None:
+        """Become stage `rank` of `size` (before the model is built)."""
+        set_pipeline_stage(rank, size)
+
+    @staticmethod
+    def leave() -> None:
+        """Back to a single stage."""
+        set_pipeline_stage(0, 1)
+
+    @staticmethod
+    def runner_class() -> type[ModelRunner]:
+        """Every stage runs steps with the PipelineRunner."""
+        from kiln.runtime.pipeline_runner import PipelineRunner
+
+        return PipelineRunner
+
+
+def check_pipeline_options(model_dir: Path, pp_size: int, tp_size: int, device: torch.device) -> None:
+    """Refuse what pipeline parallelism cannot run yet, before any stage process starts."""
+    if tp_size > 1:
+        raise UserInputError(
+            f"pipeline parallelism (pp_size={pp_size}) does not combine with tensor parallelism (tp_size={tp_size}) "
+            "yet: use one of --pp-size and --tp-size"
+        )
+    if device.type != "cpu":
+        raise UserInputError(
+            "pipeline parallelism runs on the CPU (gloo) for now; GPUs (NCCL) are next: use --device cpu or pp_size=1"
+        )
+    stage_layers(ModelConfig.from_hf_config(read_config_json(model_dir)).num_layers, 0, pp_size)  # pp <= layers
