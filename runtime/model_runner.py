@@ -80,6 +80,19 @@ def kv_cache_scales(layer: Attention, cache_dtype: torch.dtype) -> tuple[float, 
     return layer.calibrated_kv_scales() or (1.0, 1.0)
 
 
+def eager_inputs(step: StepInputs, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(input_ids, positions, attention metadata) of a step on the device, for a forward without a graph."""
+    metadata = AttentionMetadata.build(
+        query_lens=step.query_lens,
+        seq_lens=step.seq_lens,
+        device=device,
+        slot_mapping=step.slot_mapping,
+        block_tables=step.block_tables,
+    )
+    staged = to_device([step.input_ids, step.positions], torch.int64, device)  # [2, num_tokens]
+    return staged[0], staged[1], metadata
+
+
 def select_rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """hidden[rows] without a host sync: a slice when the rows are consecutive (every decode step)."""
     first = rows[0]
@@ -154,15 +167,7 @@ class ModelRunner:
         is_decode = len(batch.input_ids) == len(batch.query_lens)  # one new token per sequence
         if graphs is not None and is_decode and graphs.can_run(len(batch.input_ids)):
             return graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables)
-        metadata = AttentionMetadata.build(
-            query_lens=batch.query_lens,
-            seq_lens=batch.seq_lens,
-            device=self.device,
-            slot_mapping=batch.slot_mapping,
-            block_tables=batch.block_tables,
-        )
-        staged = to_device([batch.input_ids, batch.positions], torch.int64, self.device)  # [2, num_tokens]
-        return self.model(staged[0], staged[1], metadata)
+        return self.model(*eager_inputs(batch, self.device))
 
     def _pack(self, chunks: list[ScheduledChunk]) -> _FlatBatch:
         batch = _FlatBatch()

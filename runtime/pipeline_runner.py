@@ -18,11 +18,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from kiln.core.host_transfer import to_device
-from kiln.kernels.attention import AttentionMetadata
 from kiln.models.pipeline import pipeline_stage
 from kiln.runtime.micro_batches import MicroBatch, gather_logit_groups, split_micro_batches
-from kiln.runtime.model_runner import ModelRunner, StepInputs, select_rows
+from kiln.runtime.model_runner import ModelRunner, StepInputs, eager_inputs, select_rows
 from kiln.runtime.pipeline_workers import PipelineParallelError
 
 
@@ -60,14 +58,7 @@ class PipelineRunner(ModelRunner):
         """Receive (unless first), run this stage's layers, start the send onward; returns what is being sent."""
         stage = pipeline_stage()
         inputs = micro_batch.inputs
-        metadata = AttentionMetadata.build(
-            query_lens=inputs.query_lens,
-            seq_lens=inputs.seq_lens,
-            device=self.device,
-            slot_mapping=inputs.slot_mapping,
-            block_tables=inputs.block_tables,
-        )
-        staged = to_device([inputs.input_ids, inputs.positions], torch.int64, self.device)  # [2, num_tokens]
+        input_ids, positions, metadata = eager_inputs(inputs, self.device)
         hidden, residual = None, None
         if not stage.is_first:
             # [2, num_tokens, hidden]: the previous stage's hidden states and residual stream, stacked
@@ -75,7 +66,7 @@ class PipelineRunner(ModelRunner):
             with _peers_answering():
                 dist.irecv(received, src=stage.rank - 1, tag=k).wait()
             hidden, residual = received[0], received[1]
-        hidden, residual = self.model.forward_stage(staged[0], staged[1], metadata, hidden, residual)
+        hidden, residual = self.model.forward_stage(input_ids, positions, metadata, hidden, residual)
         if stage.is_last and not micro_batch.num_logit_rows:
             return None, None
         if stage.is_last:
