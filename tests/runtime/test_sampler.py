@@ -89,7 +89,7 @@ def test_the_triton_draw_equals_the_reference() -> None:
     from kiln.kernels.triton_random_draw import triton_exponential_race
 
     data = torch.Generator().manual_seed(1)
-    for rows, vocab in [(1, 1), (3, 50), (64, 128256), (300, 3000)]:
+    for rows, vocab in [(1, 1), (3, 50), (64, 128256), (300, 3000), (2, 2 * 8192 + 5)]:  # chunk edges too
         probs = torch.softmax(3 * torch.randn(rows, vocab, generator=data), dim=-1)
         keys = torch.from_numpy(row_keys(range(rows), [seed % 17 for seed in range(rows)]))
         expected = exponential_race_reference(probs, keys)
