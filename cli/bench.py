@@ -28,6 +28,8 @@ AS_JSON = typer.Option(False, "--json", help="Print the results as JSON on stdou
 DUMMY = typer.Option(False, "--dummy-weights", help="Random weights made on the device (MODEL: a config.json).")
 MODEL_HELP = "Engine, checkpoint, HF dir, builtin:NAME (or a config.json with --dummy-weights)."
 DUMMY_QUANT = typer.Option(None, "--dummy-quantization", help="fp8 (W8A8, fp8 KV) or int4-awq dummy weights.")
+TP_SIZE = typer.Option(None, "--tp-size", help="Tensor-parallel ranks, one process per GPU (gloo on the CPU).")
+PP_SIZE = typer.Option(None, "--pp-size", help="Pipeline stages, one process each (CPU for now).")
 PRESET = typer.Option(None, "--preset", help="Architecture for --dummy-weights: llama-3-8b, llama-3-70b, ...")
 
 
@@ -157,8 +159,8 @@ def throughput_command(
     max_num_tokens: int | None = typer.Option(None, "--max-num-tokens"),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
     kv_cache_dtype: str | None = typer.Option(None, "--kv-cache-dtype"),
-    tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks (CPU for now)."),
-    pp_size: int | None = typer.Option(None, "--pp-size", help="Pipeline stages (CPU for now)."),
+    tp_size: int | None = TP_SIZE,
+    pp_size: int | None = PP_SIZE,
     output: Path | None = OUTPUT,
     force: bool = FORCE,
     as_json: bool = AS_JSON,
@@ -212,12 +214,21 @@ def latency_command(
     device: str | None = typer.Option(None, "--device"),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
     kv_cache_dtype: str | None = typer.Option(None, "--kv-cache-dtype"),
+    tp_size: int | None = TP_SIZE,
+    pp_size: int | None = PP_SIZE,
     output: Path | None = OUTPUT,
     force: bool = FORCE,
     as_json: bool = AS_JSON,
 ) -> None:
     """Latency: fixed batches (batch 1 by default), prefill and per-token latency."""
-    engine = _engine_options(dtype=dtype, device=device, max_seq_len=max_seq_len, kv_cache_dtype=kv_cache_dtype)
+    engine = _engine_options(
+        dtype=dtype,
+        device=device,
+        max_seq_len=max_seq_len,
+        kv_cache_dtype=kv_cache_dtype,
+        tp_size=tp_size,
+        pp_size=pp_size,
+    )
     options = {"workload": _workload(num_requests, input_len, output_len, 0.0, None, seed), "engine": engine}
     _offline(
         "latency",

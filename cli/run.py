@@ -46,7 +46,7 @@ def run_command(
     attention_backend: str = typer.Option("auto", "--attention-backend", help="auto|torch|triton."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode steps from graphs."),
     tp_size: int | None = typer.Option(
-        None, "--tp-size", help="Tensor-parallel ranks (worker processes; CPU for now) [default: the engine's, else 1]."
+        None, "--tp-size", help="Tensor-parallel ranks, one process per GPU [default: the engine's, else 1]."
     ),
     pp_size: int = typer.Option(
         1, "--pp-size", help="Pipeline stages, layers split across processes (CPU for now; not with --tp-size)."

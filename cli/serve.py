@@ -49,7 +49,7 @@ def serve_command(
     enable_prefix_caching: bool | None = typer.Option(None, "--prefix-caching/--no-prefix-caching"),
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="auto|torch|triton."),
     enable_cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs"),
-    tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks (CPU for now)."),
+    tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks, one process per GPU."),
     pp_size: int | None = typer.Option(None, "--pp-size", help="Pipeline stages (CPU for now) [default: 1]."),
     dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (MODEL: a config.json)."),
     preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),

@@ -9,6 +9,7 @@ after capture (a graph replays fixed addresses): each step only copies new value
 
 import bisect
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +27,22 @@ def default_bucket_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, and max_batch_size itself."""
     sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 257, 16))
     return sorted({size for size in sizes if size < max_batch_size} | {max_batch_size})
+
+
+@dataclass(frozen=True)
+class DecodeGraphSpec:
+    """What to capture (rank 0 sends it to tensor-parallel workers, which capture in step with it)."""
+
+    bucket_sizes: tuple[int, ...]
+    max_blocks_per_seq: int
+    capture_seq_len: int
+
+
+def capture_decode_graphs(model: nn.Module, spec: DecodeGraphSpec, device: torch.device) -> "DecodeGraphs":
+    """Capture the spec's decode graphs of this model on this device."""
+    graphs = DecodeGraphs(model, list(spec.bucket_sizes), spec.max_blocks_per_seq, spec.capture_seq_len, device)
+    graphs.capture()
+    return graphs
 
 
 class DecodeGraphs:

@@ -15,12 +15,12 @@ from kiln.core.errors import UserInputError
 from kiln.kernels.attention_backends import select_attention_backend
 from kiln.models.layers import Attention
 from kiln.models.loader import load_model
-from kiln.runtime.cuda_graphs import DecodeGraphs, default_bucket_sizes
+from kiln.runtime.cuda_graphs import DecodeGraphs, DecodeGraphSpec, capture_decode_graphs, default_bucket_sizes
 from kiln.runtime.engine_artifact import apply_engine_options, engine_manifest, prepare_engine
 from kiln.runtime.engine_config import EngineConfig, resolve_device, resolve_kv_cache_dtype
 from kiln.runtime.kv_cache_manager import KVCacheManager
-from kiln.runtime.kv_sizing import plan_num_blocks
-from kiln.runtime.model_runner import ModelRunner, kv_cache_block_bytes
+from kiln.runtime.kv_sizing import KVCachePlan, plan_rank_kv_blocks
+from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.pipeline_workers import StageGroup, check_pipeline_options
 from kiln.runtime.request import Request
@@ -28,7 +28,7 @@ from kiln.runtime.request_group import RequestGroup
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
-from kiln.runtime.tp_workers import CacheSpec, WorkerGroup
+from kiln.runtime.tp_workers import CacheSpec, WorkerGroup, release_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,11 @@ class LLMEngine:
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
         self.pp_workers = self._start_pipeline_parallel(model_dir, dtype, device)
         self.tp_workers = self._start_tensor_parallel(model_dir, dtype, device)
+        workers = self.workers
         try:
-            self._set_up(model_dir, dtype, device)
+            self._set_up(model_dir, dtype, workers.devices[0] if workers is not None else device)
+            if workers is not None:
+                workers.check()
         except BaseException:
             self.shutdown()  # a refusal or failure on rank 0 must not leave worker processes behind
             raise
@@ -96,7 +99,7 @@ class LLMEngine:
             kv_cache_dtype=self.kv_cache_dtype,
         )
         self.limits = EngineLimits(**{**self.limits.__dict__, "attention_backend": backend.name})
-        workers = self.tp_workers or self.pp_workers
+        workers = self.workers
         runner_class = workers.runner_class() if workers is not None else ModelRunner
         self.runner = runner_class(
             self.model,
@@ -121,6 +124,11 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @property
+    def workers(self) -> WorkerGroup | None:
+        """The other ranks (tensor-parallel workers or pipeline stages), if any."""
+        return self.tp_workers or self.pp_workers
+
+    @property
     def runner_dtype(self) -> torch.dtype:
         """The dtype the weights and KV cache use."""
         return next(self.model.parameters()).dtype
@@ -129,21 +137,21 @@ class LLMEngine:
         """Worker processes for ranks 1..N-1 (before the model loads: every rank loads only its shard)."""
         if self.config.tp_size == 1:
             return None
-        if device.type != "cpu":
-            raise UserInputError(
-                "tensor parallelism runs on the CPU (gloo) for now; GPUs (NCCL) are next: use --device cpu or tp_size=1"
-            )
-        return WorkerGroup(model_dir, self.config.tp_size, dtype, self.config.tp_timeout_s)
+        config = self.config
+        return WorkerGroup(model_dir, config.tp_size, dtype, config.tp_timeout_s, device, config.dummy_weights)
 
     def _start_pipeline_parallel(self, model_dir: Path, dtype: torch.dtype | None, device: torch.device):
         """Processes for pipeline stages 1..M-1 (before the model loads: every stage loads only its layers)."""
         if self.config.pp_size == 1:
             return None
         check_pipeline_options(model_dir, self.config.pp_size, self.config.tp_size, device)
-        return StageGroup(model_dir, self.config.pp_size, dtype, self.config.tp_timeout_s)
+        config = self.config
+        return StageGroup(model_dir, config.pp_size, dtype, config.tp_timeout_s, device, config.dummy_weights)
 
     def shutdown(self) -> None:
         """Stop tensor-parallel workers or pipeline stages (nothing to do without them)."""
+        if self.workers is not None and getattr(self, "runner", None) is not None:
+            release_graphs(self.runner)  # NCCL closes a communicator only once no graph holds its kernels
         if self.tp_workers is not None:
             self.tp_workers.shutdown()
             self.tp_workers = None
@@ -156,14 +164,14 @@ class LLMEngine:
 
     def _capture_decode_graphs(self, device: torch.device) -> DecodeGraphs:
         limits = self.limits
-        graphs = DecodeGraphs(
-            self.model,
-            list(self.config.cuda_graph_batch_sizes or default_bucket_sizes(limits.max_batch_size)),
+        spec = DecodeGraphSpec(
+            tuple(self.config.cuda_graph_batch_sizes or default_bucket_sizes(limits.max_batch_size)),
             max_blocks_per_seq=-(-limits.max_seq_len // limits.block_size),
             capture_seq_len=limits.max_seq_len,
-            device=device,
         )
-        graphs.capture()
+        if self.workers is not None:
+            self.workers.broadcast(spec)  # every rank captures at once: the graphs hold collectives
+        graphs = capture_decode_graphs(self.model, spec, device)
         self.limits = EngineLimits(**{**limits.__dict__, "cuda_graph_batch_sizes": tuple(graphs.bucket_sizes)})
         return graphs
 
@@ -177,19 +185,16 @@ class LLMEngine:
             )
         max_batch_size = config.max_batch_size or (256 if device.type == "cuda" else 32)
         max_num_tokens = config.max_num_tokens or (8192 if device.type == "cuda" else 2048)
-        # This process's layers: a pipeline stage caches only its own (stage 0 holds the most).
-        num_layers = len(self._attention_layers())
-        block_bytes = kv_cache_block_bytes(model_config, config.block_size, self.kv_cache_dtype, num_layers)
-        num_kv_blocks = config.num_kv_blocks or plan_num_blocks(
-            model=self.model,
-            config=model_config,
-            device=device,
-            block_bytes=block_bytes,
-            block_size=config.block_size,
-            max_seq_len=max_seq_len,
-            max_batch_size=max_batch_size,
-            max_num_tokens=max_num_tokens,
-            memory_fraction=config.kv_cache_memory_fraction,
+        num_kv_blocks = config.num_kv_blocks or self._plan_kv_blocks(
+            KVCachePlan(
+                config.block_size,
+                max_seq_len,
+                max_batch_size,
+                max_num_tokens,
+                config.kv_cache_memory_fraction,
+                self.kv_cache_dtype,
+            ),
+            device,
         )
         if num_kv_blocks - 1 < -(-max_seq_len // config.block_size):
             raise UserInputError(
@@ -207,6 +212,12 @@ class LLMEngine:
             dtype=str(self.runner_dtype).removeprefix("torch."),
             kv_cache_dtype=str(self.kv_cache_dtype).removeprefix("torch."),
         )
+
+    def _plan_kv_blocks(self, plan: KVCachePlan, device: torch.device) -> int:
+        """KV blocks for this rank's layers and heads; with other ranks, the smallest any of them can hold."""
+        if self.workers is not None:
+            self.workers.broadcast(plan)  # they plan alongside: the GPU warm-up forward has collectives
+        return plan_rank_kv_blocks(self.model, self.model_config, device, plan)
 
     def add_request(
         self,
@@ -257,7 +268,11 @@ class LLMEngine:
             if self.scheduler.has_unfinished:
                 raise RuntimeError("scheduler made no progress although requests are waiting")
             return []
-        result = self.runner.execute(scheduled)
+        try:
+            result = self.runner.execute(scheduled)
+        finally:
+            if self.workers is not None:
+                self.workers.check()  # a worker that died during the step: its error, not the step's garbage
         changed = self.scheduler.update(scheduled, result.sampled)
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}

@@ -4,21 +4,65 @@ On a GPU, a warm-up forward at `max_num_tokens` (spread over `max_batch_size` se
 logits of every sequence) shows the activation peak; what is left under
 `kv_cache_memory_fraction` of the card goes to KV blocks. On the CPU there is no card to fill: the
 cache gets what `max_batch_size` sequences of `max_seq_len` need, capped at `cpu_kv_cache_bytes`.
+With tensor or pipeline parallelism every rank plans at once (the warm-up forward has collectives in
+it) and the group takes the smallest count: rank 0 hands out block ids every rank must hold.
 """
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kiln.core.errors import UserInputError
 from kiln.kernels.attention import AttentionMetadata
 from kiln.models.config import ModelConfig
+from kiln.models.layers import Attention
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """The sizes a rank plans its KV cache for (rank 0 sends it to every other rank, which plans alongside)."""
+
+    block_size: int
+    max_seq_len: int
+    max_batch_size: int
+    max_num_tokens: int
+    memory_fraction: float
+    kv_cache_dtype: torch.dtype
+
+
+def plan_rank_kv_blocks(model: nn.Module, config: ModelConfig, device: torch.device, plan: KVCachePlan) -> int:
+    """KV blocks for this rank's attention layers and KV heads (a shard under tensor parallelism, a stage's layers)."""
+    element_bytes = torch.tensor([], dtype=plan.kv_cache_dtype).element_size()
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    block_bytes = sum(2 * plan.block_size * layer.num_kv_heads * config.head_dim * element_bytes for layer in layers)
+    return plan_num_blocks(
+        model=model,
+        config=config,
+        device=device,
+        block_bytes=block_bytes,
+        block_size=plan.block_size,
+        max_seq_len=plan.max_seq_len,
+        max_batch_size=plan.max_batch_size,
+        max_num_tokens=plan.max_num_tokens,
+        memory_fraction=plan.memory_fraction,
+    )
+
+
+def _smallest_over_ranks(value: int, device: torch.device) -> int:
+    """The minimum of `value` over the process group (value itself in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MIN)
+    return int(box.item())
 
 
 @torch.inference_mode()
@@ -70,7 +114,7 @@ def plan_num_blocks(
     else:
         budget = min(cpu_kv_cache_bytes, blocks_per_seq * max_batch_size * block_bytes)
         where = f"the CPU cap of {cpu_kv_cache_bytes / 2**30:.1f} GiB"
-    num_blocks = max(0, budget // block_bytes)
+    num_blocks = _smallest_over_ranks(max(0, budget // block_bytes), device)
     if num_blocks < blocks_per_seq:
         raise UserInputError(
             f"the KV cache holds {num_blocks * block_size} tokens ({where}), less than one sequence of "

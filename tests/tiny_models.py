@@ -60,3 +60,35 @@ def save_tiny_model(
     if with_tokenizer:
         make_tiny_tokenizer(config.vocab_size).save_pretrained(out_dir)
     return out_dir
+
+
+def counting_sequence(start: int, stride: int, length: int, vocab_size: int = 320) -> list[int]:
+    """start, start + stride, ... modulo the vocabulary: what the trained tiny model learns to continue."""
+    return [(start + i * stride) % vocab_size for i in range(length)]
+
+
+def save_trained_counting_model(out_dir: Path, device: str, steps: int = 400, seed: int = 0) -> Path:
+    """The tiny Llama trained to continue arithmetic sequences (stride 1-4): confident greedy tokens.
+
+    Random tiny models put near-ties among their top logits, where bf16 rounding alone picks another
+    token; like a real language model, this one has clear winners, so comparisons in bf16 test the
+    engine and not the ties.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", **TINY_SIZES)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = config.vocab_size
+    for _ in range(steps):
+        starts = torch.randint(0, vocab, (64, 1), generator=generator)
+        strides = torch.randint(1, 5, (64, 1), generator=generator)
+        batch = ((starts + strides * torch.arange(96)) % vocab).to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.to(torch.float32).save_pretrained(out_dir)
+    return out_dir
