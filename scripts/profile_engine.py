@@ -33,11 +33,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--tp-size", type=int, default=1, help="tensor-parallel GPUs (rank 0 is profiled)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", default=None, help="write a Chrome trace of the profiled decode steps here")
     args = parser.parse_args()
 
     options = {"max_batch_size": args.max_batch_size} if args.max_batch_size else {}
+    options["tp_size"] = args.tp_size
     started = time.perf_counter()
     engine, _ = open_engine(args.preset, options, args.preset, args.quantization)
     print(f"engine ready in {time.perf_counter() - started:.1f} s")
@@ -66,6 +68,7 @@ def main() -> None:
 
     if torch.cuda.is_available():
         _profile_decode_window(engine, requests[: args.max_batch_size or 256], args)
+    engine.shutdown()
 
 
 def _count_steps(engine) -> list[int]:
