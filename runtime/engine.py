@@ -22,13 +22,13 @@ from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import KVCachePlan, plan_rank_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.outputs import RequestOutput
-from kiln.runtime.pipeline_workers import StageGroup, check_pipeline_options
+from kiln.runtime.parallel_launch import start_other_ranks
 from kiln.runtime.request import Request
 from kiln.runtime.request_group import RequestGroup
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
-from kiln.runtime.tp_workers import CacheSpec, WorkerGroup, release_graphs
+from kiln.runtime.tp_workers import CacheSpec, release_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ class LLMEngine:
         self.config = config
         self.model_dir = model_dir
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)
-        self.pp_workers = self._start_pipeline_parallel(model_dir, dtype, device)
-        self.tp_workers = self._start_tensor_parallel(model_dir, dtype, device)
+        self.workers = start_other_ranks(model_dir, config, dtype, device)  # before loading: each loads its part
         workers = self.workers
         try:
             self._set_up(model_dir, dtype, workers.devices[0] if workers is not None else device)
@@ -124,40 +123,18 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @property
-    def workers(self) -> WorkerGroup | None:
-        """The other ranks (tensor-parallel workers or pipeline stages), if any."""
-        return self.tp_workers or self.pp_workers
-
-    @property
     def runner_dtype(self) -> torch.dtype:
         """The dtype the weights and KV cache use."""
         return next(self.model.parameters()).dtype
 
-    def _start_tensor_parallel(self, model_dir: Path, dtype: torch.dtype | None, device: torch.device):
-        """Worker processes for ranks 1..N-1 (before the model loads: every rank loads only its shard)."""
-        if self.config.tp_size == 1:
-            return None
-        config = self.config
-        return WorkerGroup(model_dir, config.tp_size, dtype, config.tp_timeout_s, device, config.dummy_weights)
-
-    def _start_pipeline_parallel(self, model_dir: Path, dtype: torch.dtype | None, device: torch.device):
-        """Processes for pipeline stages 1..M-1 (before the model loads: every stage loads only its layers)."""
-        if self.config.pp_size == 1:
-            return None
-        check_pipeline_options(model_dir, self.config.pp_size, self.config.tp_size, device)
-        config = self.config
-        return StageGroup(model_dir, config.pp_size, dtype, config.tp_timeout_s, device, config.dummy_weights)
-
     def shutdown(self) -> None:
         """Stop tensor-parallel workers or pipeline stages (nothing to do without them)."""
-        if self.workers is not None and getattr(self, "runner", None) is not None:
+        if self.workers is None:
+            return
+        if getattr(self, "runner", None) is not None:
             release_graphs(self.runner)  # NCCL closes a communicator only once no graph holds its kernels
-        if self.tp_workers is not None:
-            self.tp_workers.shutdown()
-            self.tp_workers = None
-        if self.pp_workers is not None:
-            self.pp_workers.shutdown()
-            self.pp_workers = None
+        self.workers.shutdown()
+        self.workers = None
 
     def _attention_layers(self) -> list[Attention]:
         return [module for module in self.model.modules() if isinstance(module, Attention)]

@@ -18,6 +18,7 @@ import uvicorn
 from kiln.core.errors import KilnError
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.engine_config import EngineConfig
+from kiln.runtime.torchrun import torchrun_rank
 from kiln.serve.app import EngineSlot, ServerSettings, create_app
 from kiln.serve.async_engine import AsyncEngine
 
@@ -33,6 +34,8 @@ def run_server(
     grace_seconds: float = 30.0,
 ) -> None:
     """Serve until stopped; raises the KilnError that made loading fail, if one did."""
+    if torchrun_rank():  # another rank of a torchrun launch: a worker of rank 0's engine, no server (exits)
+        LLMEngine(model_dir, engine_config)
     slot = EngineSlot()
     config = uvicorn.Config(
         create_app(slot, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_seconds

@@ -159,7 +159,7 @@ def test_idle_stages_wait_and_a_killed_stage_ends_the_run_with_an_error(serve_ch
         llm.generate(PROMPTS, params)
         time.sleep(11)  # idle past the timeout (a server between requests): the stages wait for the next step
         assert [len(r.token_ids) for r in llm.generate(PROMPTS, params)] == [4] * len(PROMPTS)
-        (worker,) = llm.engine.pp_workers.processes
+        (worker,) = llm.engine.workers.processes
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(timeout=10)
         start = time.monotonic()

@@ -60,7 +60,7 @@ def test_a_refusal_on_rank_0_leaves_no_worker_behind(modelopt_checkpoint) -> Non
 def test_a_killed_worker_ends_the_run_with_an_error(serve_checkpoint: Path) -> None:
     llm = LLM(str(serve_checkpoint), device="cpu", num_kv_blocks=64, tp_size=2, tp_timeout_s=20)
     try:
-        (worker,) = llm.engine.tp_workers.processes
+        (worker,) = llm.engine.workers.processes
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(timeout=10)
         start = time.monotonic()

@@ -105,7 +105,7 @@ from kiln.runtime.tp_workers import TensorParallelError
 
 # A fixed cache: GPU 0 is shared with the test process, whose engines' memory the planner would count.
 llm = LLM({model!r}, device="cuda", dtype="bf16", tp_size=2, tp_timeout_s=20, num_kv_blocks=512)
-(worker,) = llm.engine.tp_workers.processes
+(worker,) = llm.engine.workers.processes
 threading.Timer(3.0, os.kill, (worker.pid, signal.SIGKILL)).start()
 prompts = [[1 + i, 2, 3] for i in range(64)]
 try:
