@@ -3,8 +3,10 @@
 From the model config, its quantization and the target it computes, per tensor-parallel rank:
 weight bytes, the activation peak of the largest step, KV bytes per token, the KV blocks that fit,
 and the concurrency that leaves at `max_seq_len`. An impossible plan is refused with the numbers
-and what to change. The runtime measures the same quantities on a GPU (runtime/kv_sizing.py); a GPU
-test holds the two within 10%.
+and what to change. With pipeline stages every stage is planned for its own layers (the first also
+holds the embedding, the last the head) and the plan is the stage that fits the fewest KV blocks:
+every stage allocates the block count rank 0 decides. The runtime measures the same quantities on a
+GPU (runtime/kv_sizing.py); a GPU test holds the two within 10%.
 
 Activation peak of one step of T tokens (b bytes per activation), the MLP being the largest part:
 residual and normed hidden states (2 T h), the fused gate/up output (2 T I), SiLU(gate) and its
@@ -22,6 +24,7 @@ from typing import Any
 from kiln.core.errors import UserInputError
 from kiln.core.gpu_targets import GIB, GpuTarget
 from kiln.models.config import ModelConfig
+from kiln.models.pipeline import stage_layers
 from kiln.models.quant_config import QuantConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -41,11 +44,12 @@ class PlanRequest:
     block_size: int
     kv_cache_memory_fraction: float
     tp_size: int
+    pp_size: int = 1
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The numbers an engine is built with; all byte counts are per tensor-parallel rank."""
+    """The numbers an engine is built with; all byte counts are per rank (the binding stage's, with stages)."""
 
     target: str
     memory_bytes: int
@@ -56,6 +60,7 @@ class MemoryPlan:
     kv_budget_bytes: int
     num_kv_blocks: int  # including the null block 0
     max_concurrency: float  # sequences of max_seq_len the KV cache holds at once
+    stage: int = 0  # with pipeline stages: the stage these numbers are for (the one with the fewest blocks)
 
     def to_dict(self) -> dict[str, Any]:
         """For the manifest and --json."""
@@ -87,11 +92,20 @@ def linear_weight_bytes(algo: str | None, out_features: int, in_features: int, g
     return out_features * in_features // 2 + out_features * (in_features // group_size) * 4 + in_features * act_bytes
 
 
-def weight_bytes(config: ModelConfig, quant: QuantConfig | None, dtype: str, tp_size: int) -> int:
-    """Weight bytes per rank: every tensor but the norms is split across the tensor-parallel ranks."""
+def weight_bytes(
+    config: ModelConfig, quant: QuantConfig | None, dtype: str, tp_size: int, stage: int = 0, pp_size: int = 1
+) -> int:
+    """Weight bytes per rank: every tensor but the norms is split across the tensor-parallel ranks, and a
+    pipeline stage holds its layers, plus the embedding (first) and the final norm and head (last)."""
     b = DTYPE_BYTES[dtype]
-    sharded = config.vocab_size * config.hidden_size * b * (1 if config.tie_word_embeddings else 2)
-    for layer in range(config.num_layers):
+    layers = stage_layers(config.num_layers, stage, pp_size)
+    first, last = stage == 0, stage == pp_size - 1
+    table = config.vocab_size * config.hidden_size * b
+    if pp_size == 1:
+        sharded = table * (1 if config.tie_word_embeddings else 2)
+    else:  # the embedding on the first stage, the head on the last (a tied head keeps its own copy of the table)
+        sharded = table * (int(first) + int(last))
+    for layer in layers:
         for name, (out_features, in_features, _) in linear_shapes(config).items():
             hf_name = f"model.layers.{layer}.{name}"
             algo = quant.algo_for(hf_name) if quant else None
@@ -101,7 +115,7 @@ def weight_bytes(config: ModelConfig, quant: QuantConfig | None, dtype: str, tp_
                 sharded += out_features * b
         if quant is not None and quant.kv_cache_quant_algo:
             sharded += 2 * 4  # k_scale, v_scale
-    replicated = (2 * config.num_layers + 1) * config.hidden_size * b  # RMSNorm weights
+    replicated = (2 * len(layers) + int(last)) * config.hidden_size * b  # RMSNorm weights
     return math.ceil(sharded / tp_size) + replicated
 
 
@@ -124,17 +138,26 @@ def activation_peak_bytes(config: ModelConfig, quant: QuantConfig | None, reques
     return mlp + logits + dequantized
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_cache_dtype: str, tp_size: int) -> int:
-    """Keys and values of one token over all layers, per rank (KV heads split, or replicated if fewer)."""
+def kv_bytes_per_token(config: ModelConfig, kv_cache_dtype: str, tp_size: int, num_layers: int | None = None) -> int:
+    """Keys and values of one token over all layers (or `num_layers`), per rank (KV heads split, or replicated)."""
     kv_heads_per_rank = max(1, config.num_kv_heads // tp_size)
-    return 2 * config.num_layers * kv_heads_per_rank * config.head_dim * DTYPE_BYTES[kv_cache_dtype]
+    layers = config.num_layers if num_layers is None else num_layers
+    return 2 * layers * kv_heads_per_rank * config.head_dim * DTYPE_BYTES[kv_cache_dtype]
 
 
 def plan_memory(config: ModelConfig, quant: QuantConfig | None, target: GpuTarget, request: PlanRequest) -> MemoryPlan:
     """The plan, or a UserInputError naming the numbers and what to change when it cannot work."""
     _check_request(config, target, request)
-    weights = weight_bytes(config, quant, request.dtype, request.tp_size)
-    per_token = kv_bytes_per_token(config, request.kv_cache_dtype, request.tp_size)
+    stages = [_plan_stage(config, quant, target, request, stage) for stage in range(request.pp_size)]
+    return min(stages, key=lambda plan: plan.num_kv_blocks)
+
+
+def _plan_stage(
+    config: ModelConfig, quant: QuantConfig | None, target: GpuTarget, request: PlanRequest, stage: int
+) -> MemoryPlan:
+    weights = weight_bytes(config, quant, request.dtype, request.tp_size, stage, request.pp_size)
+    num_layers = len(stage_layers(config.num_layers, stage, request.pp_size))
+    per_token = kv_bytes_per_token(config, request.kv_cache_dtype, request.tp_size, num_layers)
     block_bytes = per_token * request.block_size
     blocks_per_seq = math.ceil(request.max_seq_len / request.block_size)
     if target.is_cpu:  # the CPU runtime: as many blocks as the batch needs, capped (runtime/kv_sizing.py)
@@ -169,6 +192,7 @@ def plan_memory(config: ModelConfig, quant: QuantConfig | None, target: GpuTarge
         kv_budget_bytes=budget,
         num_kv_blocks=num_blocks + 1,
         max_concurrency=round(num_blocks / blocks_per_seq, 2),
+        stage=stage,
     )
 
 
@@ -181,6 +205,11 @@ def _check_request(config: ModelConfig, target: GpuTarget, request: PlanRequest)
         raise UserInputError(f"--kv-cache-dtype fp8 needs FP8 support, which the {target.name} ({target.arch}) lacks")
     if request.tp_size < 1 or config.num_heads % request.tp_size:
         raise UserInputError(f"--tp-size {request.tp_size} must divide the model's {config.num_heads} attention heads")
+    if request.pp_size < 1:
+        raise UserInputError(f"--pp-size must be a positive integer, got {request.pp_size}")
+    if request.pp_size > 1 and request.tp_size > 1:
+        raise UserInputError("--pp-size and --tp-size do not combine yet: use one of them")
+    stage_layers(config.num_layers, 0, request.pp_size)  # refuses more stages than layers
     if request.max_num_tokens < request.max_batch_size:
         raise UserInputError(
             f"--max-num-tokens {request.max_num_tokens} is below --max-batch-size {request.max_batch_size}: "

@@ -52,6 +52,7 @@ class BuildSpec:
     kv_block_size: int = 16
     kv_cache_memory_fraction: float = 0.9
     tp_size: int = 1
+    pp_size: int = 1
     target_gpu: str = "auto"
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
     dry_run: bool = False
@@ -81,6 +82,10 @@ def make_plan(spec: BuildSpec) -> BuildPlan:
         raise UserInputError(f"--kv-cache-dtype must be one of {choices}, got {spec.kv_cache_dtype!r}")
     if spec.kv_block_size < 1 or spec.kv_block_size & (spec.kv_block_size - 1):
         raise UserInputError(f"--kv-block-size must be a power of two, got {spec.kv_block_size}")
+    if spec.pp_size > 1 and not target.is_cpu:
+        raise UserInputError(
+            "pipeline stages run on the CPU only for now: build with --target-gpu cpu, or without --pp-size"
+        )
     if not 0 < spec.kv_cache_memory_fraction <= 1:
         raise UserInputError(f"--kv-cache-memory-fraction must be in (0, 1], got {spec.kv_cache_memory_fraction}")
     dtype = canonical_dtype_name(config.torch_dtype or "fp32")
@@ -99,6 +104,7 @@ def make_plan(spec: BuildSpec) -> BuildPlan:
         block_size=spec.kv_block_size,
         kv_cache_memory_fraction=spec.kv_cache_memory_fraction,
         tp_size=spec.tp_size,
+        pp_size=spec.pp_size,
     )
     for name in ("max_batch_size", "max_num_tokens", "max_seq_len"):
         if getattr(request, name) < 1:
@@ -132,6 +138,7 @@ def engine_options(plan: BuildPlan) -> dict[str, Any]:
         "kv_cache_memory_fraction": request.kv_cache_memory_fraction,
         "cuda_graph_batch_sizes": list(plan.cuda_graph_batch_sizes),
         "tp_size": request.tp_size,  # not a default but a requirement: the engine has one weight file per rank
+        "pp_size": request.pp_size,  # a default: every stage reads its layers from the one weight file
     }
     if plan.target.is_cpu:  # nothing to measure on the CPU: the plan's block count is the cache
         options["num_kv_blocks"] = plan.memory.num_kv_blocks
@@ -186,8 +193,8 @@ def config_dtype(plan: BuildPlan) -> str:
 
 def _can_warm_kernels(plan: BuildPlan) -> bool:
     target = plan.target
-    # Tensor parallelism runs on the CPU only so far (gloo): a multi-rank engine cannot start on a GPU yet.
-    if target.is_cpu or plan.request.tp_size > 1 or not torch.cuda.is_available():
+    # Warming a multi-rank engine would start all its ranks at build time (and stages run on the CPU only).
+    if target.is_cpu or plan.request.tp_size > 1 or plan.request.pp_size > 1 or not torch.cuda.is_available():
         return False
     return current_device_target(torch.device("cuda")).arch == target.arch
 

@@ -20,6 +20,7 @@ BUILD_DEFAULTS: dict[str, Any] = {
     "kv_block_size": 16,
     "kv_cache_memory_fraction": 0.9,
     "tp_size": 1,
+    "pp_size": 1,
     "target_gpu": "auto",
     "cuda_graph_batch_sizes": None,
 }
@@ -48,6 +49,9 @@ def build_command(
         None, "--kv-cache-memory-fraction", help="Of the GPU's memory, for weights, activations and KV [default: 0.9]."
     ),
     tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks [default: 1]."),
+    pp_size: int | None = typer.Option(
+        None, "--pp-size", help="Pipeline stages the engine runs with by default (CPU for now) [default: 1]."
+    ),
     target_gpu: str | None = typer.Option(None, "--target-gpu", help="auto|h100-80gb|h200|a100-80gb|l40s|cpu|..."),
     cuda_graph_batch_sizes: str | None = typer.Option(
         None, "--cuda-graph-batch-sizes", help="Decode batch sizes to capture, e.g. 1,2,4,8 [default: buckets]."
@@ -95,7 +99,10 @@ def plan_table(plan: Any) -> Table:
     """The memory plan as people read it."""
     gib = 2**30
     memory, request = plan.memory, plan.request
-    table = Table(title=f"plan for {plan.target.name} ({plan.target.arch}), per rank of {request.tp_size}")
+    where = f"per rank of {request.tp_size}"
+    if request.pp_size > 1:
+        where = f"stage {memory.stage} of {request.pp_size} (the one with the fewest KV blocks)"
+    table = Table(title=f"plan for {plan.target.name} ({plan.target.arch}), {where}")
     table.add_column("item")
     table.add_column("value", justify="right")
     rows = [

@@ -48,8 +48,11 @@ def run_command(
     tp_size: int | None = typer.Option(
         None, "--tp-size", help="Tensor-parallel ranks, one process per GPU [default: the engine's, else 1]."
     ),
-    pp_size: int = typer.Option(
-        1, "--pp-size", help="Pipeline stages, layers split across processes (CPU for now; not with --tp-size)."
+    pp_size: int | None = typer.Option(
+        None,
+        "--pp-size",
+        help="Pipeline stages, layers split across processes (CPU for now; not with --tp-size) "
+        "[default: the engine's, else 1].",
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write one JSON line per prompt here."),
     as_json: bool = typer.Option(False, "--json", help="Print all results as one JSON document on stdout."),

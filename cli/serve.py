@@ -25,7 +25,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "attention_backend": "auto",
     "enable_cuda_graphs": True,
     "tp_size": None,  # the engine's, else 1
-    "pp_size": 1,
+    "pp_size": None,  # the engine's, else 1
 }
 
 
@@ -50,7 +50,9 @@ def serve_command(
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="auto|torch|triton."),
     enable_cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs"),
     tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks, one process per GPU."),
-    pp_size: int | None = typer.Option(None, "--pp-size", help="Pipeline stages (CPU for now) [default: 1]."),
+    pp_size: int | None = typer.Option(
+        None, "--pp-size", help="Pipeline stages (CPU for now) [default: the engine's, else 1]."
+    ),
     dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (MODEL: a config.json)."),
     preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),
     dummy_quantization: str | None = typer.Option(None, "--dummy-quantization", help="fp8 or int4-awq dummy weights."),

@@ -60,6 +60,8 @@ class LLMEngine:
             prepare_engine(model_dir, manifest, device)
         if config.tp_size is None:
             config = dataclasses.replace(config, tp_size=1)
+        if config.pp_size is None:
+            config = dataclasses.replace(config, pp_size=1)
         self.config = config
         self.model_dir = model_dir
         dtype = None if config.dtype == "auto" else torch_dtype(config.dtype)

@@ -34,8 +34,9 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] | None = None  # the decode batch sizes captured (None = buckets)
     seed: int = 0  # seeds the requests that bring none, so whole runs reproduce
     dummy_weights: bool = False  # random weights made on the device (benchmarks without checkpoints)
-    tp_size: int | None = None  # tensor-parallel ranks (CPU with gloo for now); None = the engine's, else 1
-    pp_size: int = 1  # pipeline stages, one process each (CPU with gloo for now; not with tp_size > 1 yet)
+    tp_size: int | None = None  # tensor-parallel ranks (a process per GPU, or gloo on the CPU); None = engine's, else 1
+    # pipeline stages, a process each (CPU for now; not with tp_size > 1); None = the engine's, else 1
+    pp_size: int | None = None
     tp_timeout_s: float = 60.0  # a rank (or pipeline stage) silent this long ends the run with an error
 
     def __post_init__(self) -> None:
@@ -45,7 +46,9 @@ class EngineConfig:
                 raise UserInputError(f"{name} must be a positive integer, got {value!r}")
         if self.tp_size is not None and (not isinstance(self.tp_size, int) or self.tp_size < 1):
             raise UserInputError(f"tp_size must be a positive integer, got {self.tp_size!r}")
-        if not isinstance(self.pp_size, int) or isinstance(self.pp_size, bool) or self.pp_size < 1:
+        if self.pp_size is not None and (
+            not isinstance(self.pp_size, int) or isinstance(self.pp_size, bool) or self.pp_size < 1
+        ):
             raise UserInputError(f"pp_size must be a positive integer, got {self.pp_size!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise UserInputError(f"block_size must be a power of two, got {self.block_size}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.build.planner import PlanRequest, plan_memory
+from kiln.build.planner import PlanRequest, plan_memory, weight_bytes
 from kiln.core.errors import UserInputError
 from kiln.core.gpu_targets import GIB, KNOWN_TARGETS, resolve_target
 from kiln.models.config import ModelConfig
@@ -72,6 +72,37 @@ def test_int4_weights_and_tensor_parallel_split():
     sharded = 2 * EMBEDDINGS + 32 * (linear + pre_quant)
     assert plan.weight_bytes == -(-sharded // 2) + 2 * NORMS
     assert plan.kv_bytes_per_token == 2 * 32 * 4 * 128 * 2  # 4 of the 8 KV heads per rank
+
+
+def test_pipeline_stages_are_planned_for_their_own_layers_and_the_tightest_wins():
+    # 32 layers over 3 stages: 11, 11, 10. Stage 0 holds the embedding, stage 2 the final norm and head.
+    table = 128_256 * 4_096 * 2
+    stage_weights = [
+        11 * LAYER_PARAMS * 2 + table + 2 * 11 * 4_096 * 2,
+        11 * LAYER_PARAMS * 2 + 2 * 11 * 4_096 * 2,
+        10 * LAYER_PARAMS * 2 + table + (2 * 10 + 1) * 4_096 * 2,
+    ]
+    assert sum(stage_weights) == 2 * 8_030_261_248  # the stages hold the model once, nothing twice
+    target = KNOWN_TARGETS["cpu"]
+    plan = plan_memory(LLAMA3_8B, None, target, request(pp_size=3, max_batch_size=32))
+    assert plan.stage == 0  # 11 layers of KV per token: the fewest blocks fit in the CPU's cap
+    assert plan.weight_bytes == stage_weights[0]
+    assert plan.kv_bytes_per_token == 2 * 11 * 8 * 128 * 2
+    gpu = plan_memory(LLAMA3_8B, None, KNOWN_TARGETS["h100-80gb"], request(pp_size=3))
+    assert gpu.stage == 0 and gpu.weight_bytes == stage_weights[0]  # 11 layers and the table: the tightest
+    # A tied head on the last stage needs its own copy of the embedding table: one table more in all.
+    tied = ModelConfig.from_hf_config({**_hf(LLAMA3_8B), "tie_word_embeddings": True})
+    stages = [weight_bytes(tied, None, "bf16", 1, stage, 2) for stage in range(2)]
+    assert sum(stages) == weight_bytes(tied, None, "bf16", 1) + table
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [({"pp_size": 33}, "exceeds the model's 32 decoder layers"), ({"pp_size": 2, "tp_size": 2}, "do not combine")],
+)
+def test_pipeline_refusals(changes, message):
+    with pytest.raises(UserInputError, match=message):
+        plan_memory(LLAMA3_8B, None, KNOWN_TARGETS["h100-80gb"], request(**changes))
 
 
 @pytest.mark.parametrize(
