@@ -24,6 +24,7 @@ from typing import Any
 from kiln.core.errors import UserInputError
 from kiln.core.gpu_targets import GIB, GpuTarget
 from kiln.models.config import ModelConfig
+from kiln.models.parallel import check_tensor_parallel_size
 from kiln.models.pipeline import stage_layers
 from kiln.models.quant_config import QuantConfig
 
@@ -203,12 +204,11 @@ def _check_request(config: ModelConfig, target: GpuTarget, request: PlanRequest)
         )
     if request.kv_cache_dtype == "fp8" and not (target.fp8 or target.is_cpu):
         raise UserInputError(f"--kv-cache-dtype fp8 needs FP8 support, which the {target.name} ({target.arch}) lacks")
-    if request.tp_size < 1 or config.num_heads % request.tp_size:
-        raise UserInputError(f"--tp-size {request.tp_size} must divide the model's {config.num_heads} attention heads")
+    if request.tp_size < 1:
+        raise UserInputError(f"--tp-size must be a positive integer, got {request.tp_size}")
+    check_tensor_parallel_size(config.num_heads, config.num_kv_heads, config.intermediate_size, request.tp_size)
     if request.pp_size < 1:
         raise UserInputError(f"--pp-size must be a positive integer, got {request.pp_size}")
-    if request.pp_size > 1 and request.tp_size > 1:
-        raise UserInputError("--pp-size and --tp-size do not combine yet: use one of them")
     stage_layers(config.num_layers, 0, request.pp_size)  # refuses more stages than layers
     if request.max_num_tokens < request.max_batch_size:
         raise UserInputError(

@@ -101,7 +101,7 @@ def plan_table(plan: Any) -> Table:
     memory, request = plan.memory, plan.request
     where = f"per rank of {request.tp_size}"
     if request.pp_size > 1:
-        where = f"stage {memory.stage} of {request.pp_size} (the one with the fewest KV blocks)"
+        where += f", stage {memory.stage} of {request.pp_size} (the one with the fewest KV blocks)"
     table = Table(title=f"plan for {plan.target.name} ({plan.target.arch}), {where}")
     table.add_column("item")
     table.add_column("value", justify="right")

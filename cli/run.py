@@ -51,7 +51,7 @@ def run_command(
     pp_size: int | None = typer.Option(
         None,
         "--pp-size",
-        help="Pipeline stages, layers split across processes (CPU for now; not with --tp-size) "
+        help="Pipeline stages, layers split across processes, --tp-size ranks in each (CPU for now) "
         "[default: the engine's, else 1].",
     ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write one JSON line per prompt here."),

@@ -195,7 +195,7 @@ class QKVParallelLinear(LinearBase):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
         tp = tensor_parallel()
-        if num_kv_heads < tp.size and tp.size % num_kv_heads:
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:  # neither split evenly nor replicated evenly
             raise ValueError(f"{num_kv_heads} KV heads cannot be spread over {tp.size} tensor-parallel ranks")
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         self.q_size = tp.split(num_heads, "num_heads") * head_dim

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kiln.core.errors import UserInputError
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -58,3 +60,26 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(state.size)]
     dist.all_gather(parts, x.contiguous(), group=state.group)
     return torch.cat(parts, dim=-1)
+
+
+def tensor_parallel_problems(num_heads: int, num_kv_heads: int, intermediate_size: int, tp_size: int) -> list[str]:
+    """What of a model does not split over tp_size ranks (empty when it does)."""
+    problems = []
+    if num_heads % tp_size:
+        problems.append(f"{num_heads} attention heads")
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:  # KV heads split evenly, or each replicated evenly
+        problems.append(f"{num_kv_heads} KV heads")
+    if intermediate_size % tp_size:
+        problems.append(f"intermediate size {intermediate_size}")
+    return problems
+
+
+def check_tensor_parallel_size(num_heads: int, num_kv_heads: int, intermediate_size: int, tp_size: int) -> None:
+    """A UserInputError naming what does not split and the sizes that would, before any process starts."""
+    problems = tensor_parallel_problems(num_heads, num_kv_heads, intermediate_size, tp_size)
+    if problems:
+        sizes = [n for n in range(1, 17) if not tensor_parallel_problems(num_heads, num_kv_heads, intermediate_size, n)]
+        raise UserInputError(
+            f"--tp-size {tp_size} does not split the model's {' and '.join(problems)}; "
+            f"sizes that do: {', '.join(map(str, sizes))}"
+        )

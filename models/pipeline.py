@@ -31,10 +31,26 @@ def stage_layers(num_layers: int, rank: int, size: int) -> range:
 
 @dataclass(frozen=True)
 class PipelineStage:
-    """This process's place in the pipeline."""
+    """This process's place in the pipeline (and, with tensor parallelism inside each stage, its TP rank)."""
 
     rank: int = 0
     size: int = 1
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def global_rank(self, stage: int) -> int:
+        """The process-group rank of this TP rank's peer in `stage` (ranks go stage by stage, TP ranks within)."""
+        return stage * self.tp_size + self.tp_rank
+
+    @property
+    def receives_logits(self) -> bool:
+        """Whether this process gathers the logits from the last stage: global rank 0, which samples."""
+        return self.rank == 0 and self.tp_rank == 0
+
+    @property
+    def sends_logits(self) -> bool:
+        """Whether this process sends its stage's logits to rank 0 (the last stage's first TP rank)."""
+        return self.is_last and self.tp_rank == 0
 
     @property
     def is_first(self) -> bool:
@@ -67,10 +83,10 @@ def pipeline_stage() -> PipelineStage:
     return _STATE
 
 
-def set_pipeline_stage(rank: int, size: int) -> None:
-    """Set this process's stage and the number of stages (before any model is built)."""
+def set_pipeline_stage(rank: int, size: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+    """Set this process's stage, the number of stages and its TP place in the stage (before any model is built)."""
     global _STATE
-    _STATE = PipelineStage(rank, size)
+    _STATE = PipelineStage(rank, size, tp_rank, tp_size)
 
 
 def other_stage_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -32,20 +32,21 @@ class PipelineRunner(ModelRunner):
         """Run this stage over the step's micro-batches; rank 0 returns the logits groups, other stages []."""
         stage = pipeline_stage()
         micro_batches = split_micro_batches(step, stage.size)
-        logits = self._post_logit_receives(micro_batches) if stage.is_first else []
+        logits = self._post_logit_receives(micro_batches) if stage.receives_logits else []
         sends = [self._run_micro_batch(k, micro_batch) for k, micro_batch in enumerate(micro_batches)]
         with _peers_answering():
             for _, work in sends + logits:  # `sends` keeps each tensor referenced until its send completed
                 if work is not None:
                     work.wait()
-        if not stage.is_first:
+        if not stage.receives_logits:
             return []
         received = [tensor for tensor, _ in logits]
         return gather_logit_groups(step, torch.cat(received)) if received else []
 
     def _post_logit_receives(self, micro_batches: list[MicroBatch]) -> list[tuple[torch.Tensor, dist.Work]]:
         """Rank 0: receives for the last stage's fp32 logits [rows, vocab] of each micro-batch, posted up front."""
-        last = pipeline_stage().size - 1
+        stage = pipeline_stage()
+        last = stage.global_rank(stage.size - 1)  # the last stage's first TP rank
         receives = []
         for k, micro_batch in enumerate(micro_batches):
             if micro_batch.num_logit_rows:
@@ -64,15 +65,18 @@ class PipelineRunner(ModelRunner):
             # [2, num_tokens, hidden]: the previous stage's hidden states and residual stream, stacked
             received = torch.empty(2, micro_batch.num_tokens, self.config.hidden_size, dtype=self.dtype)
             with _peers_answering():
-                dist.irecv(received, src=stage.rank - 1, tag=k).wait()
+                dist.irecv(received, src=stage.global_rank(stage.rank - 1), tag=k).wait()
             hidden, residual = received[0], received[1]
         hidden, residual = self.model.forward_stage(input_ids, positions, metadata, hidden, residual)
         if stage.is_last and not micro_batch.num_logit_rows:
             return None, None
         if stage.is_last:
-            outgoing, destination = self.model.compute_logits(select_rows(hidden, inputs.logit_rows[0])), 0  # fp32
+            # fp32 [rows, vocab]; every TP rank of the stage computes them (the vocabulary gather is collective)
+            outgoing, destination = self.model.compute_logits(select_rows(hidden, inputs.logit_rows[0])), 0
+            if not stage.sends_logits:
+                return None, None
         else:
-            outgoing, destination = torch.stack([hidden, residual]), stage.rank + 1
+            outgoing, destination = torch.stack([hidden, residual]), stage.global_rank(stage.rank + 1)
         outgoing = outgoing.contiguous()  # the very tensor sent is returned: it must live until the send completes
         with _peers_answering():
             return outgoing, dist.isend(outgoing, dst=destination, tag=k)

@@ -44,11 +44,13 @@ def check_torchrun_world(size: int) -> None:
         )
 
 
-def serve_torchrun_rank(group, model_dir: Path, dtype, timeout_s: float, device: torch.device, dummy: bool) -> None:
+def serve_torchrun_rank(
+    group, model_dir: Path, dtype, timeout_s: float, device: torch.device, dummy: bool, tp_size: int
+) -> None:
     """Rank > 0 under torchrun: join rank 0's group, load this rank's part and run its steps until it stops."""
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torchrun_device(device)
     gloo_steps = init_group(rank, size, TORCHRUN_INIT, device, timeout_s)
-    group.join(rank, size)
+    group.join(rank, size, tp_size)
     run_rank(group, rank, Inbox(None, rank - 1, gloo_steps, parent=os.getppid()), model_dir, dtype, device, dummy,
              timeout_s)  # fmt: skip

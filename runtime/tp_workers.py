@@ -66,8 +66,10 @@ class WorkerGroup:
         timeout_s: float,
         device: torch.device,
         dummy_weights: bool = False,
+        tp_size: int = 1,
     ) -> None:
         self.size = size
+        self.tp_size = tp_size  # TP ranks inside each pipeline stage (StageGroup); a WorkerGroup is all TP
         self.failure: str | None = None  # set by the watchdog when a worker died
         self._in_step = False
         self._closing = threading.Event()
@@ -77,7 +79,7 @@ class WorkerGroup:
             self.processes: list[multiprocessing.Process] = []
             self._channel: StepChannel | None = None
             self._steps = init_group(0, size, TORCHRUN_INIT, self.devices[0], timeout_s)
-            self.join(0, size)
+            self.join(0, size, tp_size)
             atexit.register(self.shutdown)
             return
         self.devices = rank_devices(device, size)
@@ -90,7 +92,7 @@ class WorkerGroup:
             context.Process(
                 target=spawned_rank_main,
                 args=(type(self), rank, size, init, channel, str(model_dir), dtype, timeout_s, str(self.devices[rank]))
-                + (dummy_weights,),
+                + (dummy_weights, tp_size),
                 daemon=True,
             )
             for rank in range(1, size)
@@ -98,14 +100,15 @@ class WorkerGroup:
         for process in self.processes:
             process.start()
         self._steps = init_group(0, size, init, self.devices[0], timeout_s)
-        self.join(0, size)
+        self.join(0, size, tp_size)
         if self.devices[0].type == "cuda":
             threading.Thread(target=self._watch_workers, name="kiln-worker-watchdog", daemon=True).start()
         atexit.register(self.shutdown)  # a script that never calls shutdown still stops its workers cleanly
 
     @staticmethod
-    def join(rank: int, size: int) -> None:
-        """Set this process's parallel state as rank `rank` of `size` (before its model is built)."""
+    def join(rank: int, size: int, tp_size: int = 1) -> None:
+        """Set this process's parallel state as rank `rank` of `size` (before its model is built); all ranks are
+        tensor-parallel here, so `tp_size` (the TP ranks of a pipeline stage) is not used."""
         set_tensor_parallel(rank, size, dist.group.WORLD)
 
     @staticmethod

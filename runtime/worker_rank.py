@@ -72,6 +72,7 @@ def spawned_rank_main(
     timeout_s: float,
     device: str,
     dummy_weights: bool,
+    tp_size: int,
 ) -> None:
     """A rank kiln spawned on this machine: join the group, then run (`run_rank`)."""
     device = torch.device(device)
@@ -81,7 +82,7 @@ def spawned_rank_main(
     gloo_steps = init_group(rank, size, init, device, timeout_s)
     path, capacity = channel
     inbox = Inbox(StepChannel(path, size - 1, capacity, create=False), rank - 1, gloo_steps, parent)
-    group.join(rank, size)
+    group.join(rank, size, tp_size)
     run_rank(group, rank, inbox, Path(model_dir), dtype, device, dummy_weights, timeout_s)
 
 

@@ -98,7 +98,10 @@ def test_pipeline_stages_are_planned_for_their_own_layers_and_the_tightest_wins(
 
 @pytest.mark.parametrize(
     "changes,message",
-    [({"pp_size": 33}, "exceeds the model's 32 decoder layers"), ({"pp_size": 2, "tp_size": 2}, "do not combine")],
+    [
+        ({"pp_size": 33}, "exceeds the model's 32 decoder layers"),
+        ({"pp_size": 2, "tp_size": 3}, "sizes that do: 1, 2, 4, 8"),
+    ],
 )
 def test_pipeline_refusals(changes, message):
     with pytest.raises(UserInputError, match=message):
@@ -112,7 +115,7 @@ def test_pipeline_refusals(changes, message):
         ("rtx-4090", {"max_seq_len": 131_072}, "lower --max-seq-len to 3"),
         ("a100-80gb", {"kv_cache_dtype": "fp8"}, "lacks"),
         ("h100-80gb", {"max_seq_len": 100_000}, "exceeds the model's context"),
-        ("h100-80gb", {"tp_size": 3}, "must divide"),
+        ("h100-80gb", {"tp_size": 3}, "does not split the model's 32 attention heads and 8 KV heads"),
         ("h100-80gb", {"max_num_tokens": 128}, "below --max-batch-size"),
     ],
 )

@@ -90,7 +90,7 @@ def test_refusals_exit_2_and_write_nothing(tiny_checkpoint: Path, tmp_path: Path
         (["--max-seq-len", "100000"], "exceeds the model's context"),
         (["--target-gpu", "h300"], "unknown --target-gpu 'h300'"),
         (["--kv-cache-dtype", "fp8", "--target-gpu", "a100-80gb"], "lacks"),
-        (["--tp-size", "3", "--target-gpu", "cpu"], "must divide the model's 4 attention heads"),
+        (["--tp-size", "3", "--target-gpu", "cpu"], "does not split the model's 4 attention heads and 2 KV heads"),
         (["--cuda-graph-batch-sizes", "1,x"], "takes integers"),
     ]
     for args, message in cases:

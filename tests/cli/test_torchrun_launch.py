@@ -36,9 +36,13 @@ def one_process_tokens(serve_checkpoint: Path) -> list[int]:
     return _tokens(done.stdout)
 
 
-@pytest.mark.parametrize("sizes", [["--tp-size", "2"], ["--pp-size", "2"]], ids=["tp2", "pp2"])
-def test_one_node_with_two_processes_gives_the_tokens_of_one(serve_checkpoint, one_process_tokens, sizes) -> None:
-    command = _torchrun("--nnodes", "1", "--nproc-per-node", "2", "--master-port", str(_free_port()))
+@pytest.mark.parametrize(
+    "sizes,processes",
+    [(["--tp-size", "2"], 2), (["--pp-size", "2"], 2), (["--tp-size", "2", "--pp-size", "2"], 4)],
+    ids=["tp2", "pp2", "pp2-tp2"],
+)
+def test_one_node_gives_the_tokens_of_one_process(serve_checkpoint, one_process_tokens, sizes, processes) -> None:
+    command = _torchrun("--nnodes", "1", "--nproc-per-node", str(processes), "--master-port", str(_free_port()))
     done = subprocess.run([*command, *RUN, str(serve_checkpoint), *GENERATION, *sizes, "--json"],
                           capture_output=True, text=True, timeout=180)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -134,14 +134,17 @@ def test_micro_batches_are_whole_sequences_and_logits_come_back_in_the_steps_gro
     assert [group[:, 0].tolist() for group in gather_logit_groups(step, logits)] == [[1, 2], [6, 9, 40, 42]]
 
 
-def test_two_stages_give_the_tokens_and_prompt_logprobs_of_one(five_layers: Path) -> None:
-    # max_num_tokens=16: the 31-token prompt is prefilled in chunks, alongside the others' decodes.
+@pytest.mark.parametrize("tp_size", [1, 2], ids=["pp2", "pp2-tp2"])
+def test_two_stages_give_the_tokens_and_prompt_logprobs_of_one(five_layers: Path, tp_size: int) -> None:
+    # max_num_tokens=16: the 31-token prompt is prefilled in chunks, alongside the others' decodes. With
+    # tp_size=2 each stage is two tensor-parallel ranks: 4 processes, hidden states sent rank to same rank.
     options = dict(device="cpu", num_kv_blocks=64, max_num_tokens=16)
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=2, logprobs=1)
     expected = LLM(str(five_layers), **options).generate(PROMPTS, params)
-    llm = LLM(str(five_layers), **options, pp_size=2)
+    llm = LLM(str(five_layers), **options, pp_size=2, tp_size=tp_size)
     try:
         got = llm.generate(PROMPTS, params)
+        assert len(llm.engine.workers.processes) == 2 * tp_size - 1
         assert len(llm.engine.runner.attention_layers) == 3  # stage 0 caches keys and values of layers 0-2 only
     finally:
         llm.engine.shutdown()
@@ -187,7 +190,7 @@ def test_builtin_smollm2_in_three_stages_generates_the_same_tokens(builtin_check
 @pytest.mark.parametrize(
     "options,message",
     [
-        ({"pp_size": 2, "tp_size": 2}, "does not combine with tensor parallelism"),
+        ({"pp_size": 2, "tp_size": 3}, "--tp-size 3 does not split the model"),
         ({"pp_size": 3}, "pp_size=3 exceeds the model's 2 decoder layers"),
         ({"pp_size": 0}, "pp_size must be a positive integer"),
     ],
@@ -199,7 +202,7 @@ def test_refusals_start_no_process(serve_checkpoint: Path, options: dict, messag
 
 
 def test_cli_flags_reach_the_engine(serve_checkpoint: Path, capsys) -> None:
-    code, _, err = invoke(capsys, "run", str(serve_checkpoint), "-p", "hi", "--pp-size", "2", "--tp-size", "2")
-    assert code == 2 and "does not combine with tensor parallelism" in err
+    code, _, err = invoke(capsys, "run", str(serve_checkpoint), "-p", "hi", "--pp-size", "2", "--tp-size", "3")
+    assert code == 2 and "--tp-size 3 does not split the model" in err
     code, _, err = invoke(capsys, "bench", "throughput", str(serve_checkpoint), "--device", "cpu", "--pp-size", "3")
     assert code == 2 and "exceeds the model's 2 decoder layers" in err
