@@ -1,4 +1,7 @@
-"""Tensor-parallel worker processes on one machine, driven by rank 0 (the engine's process).
+"""Rank 0's side of an engine's other ranks (tensor-parallel workers; pipeline stages subclass it).
+
+Kiln spawns ranks 1..N-1 on this machine; under torchrun they are the other processes torchrun started,
+on any node (runtime/torchrun.py), and steps go over gloo. What a worker does is in runtime/worker_rank.py.
 
 Rank 0 owns scheduling. Before each forward it sends the step's inputs (`StepInputs`), so every rank
 runs the same forward and the same logits collectives on its own shard and its own KV cache (the
