@@ -29,6 +29,12 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
+        # Every token decodes two short windows; transformers' decode wraps the Rust tokenizer's in Python
+        # work worth ~5x the decode itself (~20 us a token, ~5 ms a step at batch 256). Without its text
+        # clean-up (off for today's LLM tokenizers) the result is the Rust call's, so call it directly.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend_decode = backend.decode if backend is not None and not cleans_up else None
         self._stop: tuple[str, ...] = params.stop  # type: ignore[assignment]  # normalised by SamplingParams
         self._include_stop = params.include_stop_str_in_output
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:]) if prompt_token_ids else []
@@ -67,6 +73,8 @@ class IncrementalDetokenizer:
 
     def _decode(self, start: int, end: int | None = None) -> str:
         ids = self._ids[start:end]
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _decode_new(self, final: bool) -> str:

@@ -109,3 +109,20 @@ def test_special_tokens_follow_skip_special_tokens(
         detokenizer.push(token_id)
     detokenizer.finish()
     assert detokenizer.text == expected
+
+
+@pytest.mark.parametrize("clean_up", [False, True], ids=["rust-decode", "transformers-decode"])
+def test_the_direct_rust_decode_only_serves_tokenizers_without_clean_up(
+    tokenizer: PreTrainedTokenizerBase, clean_up: bool
+) -> None:
+    # The direct call skips transformers' wrapper, whose text clean-up it would not apply: a tokenizer
+    # that asks for clean-up keeps the wrapper. Either way the pushes add up to the tokenizer's decode.
+    original = tokenizer.clean_up_tokenization_spaces
+    tokenizer.clean_up_tokenization_spaces = clean_up
+    try:
+        pushes, tail, detokenizer = run(tokenizer, SENTENCE + " " + UNICODE, SamplingParams())
+        assert (detokenizer._backend_decode is None) == clean_up
+        ids = tokenizer.encode(SENTENCE + " " + UNICODE, add_special_tokens=False)
+        assert "".join(pushes) + tail == tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        tokenizer.clean_up_tokenization_spaces = original
