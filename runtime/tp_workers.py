@@ -69,10 +69,9 @@ class WorkerGroup:
         timeout_s: float,
         device: torch.device,
         dummy_weights: bool = False,
-        tp_size: int = 1,
+        tp_size: int = 1,  # TP ranks inside each pipeline stage (StageGroup); a WorkerGroup is all TP
     ) -> None:
         self.size = size
-        self.tp_size = tp_size  # TP ranks inside each pipeline stage (StageGroup); a WorkerGroup is all TP
         self.failure: str | None = None  # set by the watchdog when a worker died
         self._in_step = False
         self._closing = threading.Event()
@@ -128,7 +127,7 @@ class WorkerGroup:
 
     def broadcast(self, item: Any) -> None:
         """Send a step (or set-up: a KVCachePlan, CacheSpec, DecodeGraphSpec) to every worker; None stops them."""
-        dead = [p.pid for p in self.processes if not p.is_alive()]
+        dead = self._dead_pids()
         if dead or self.failure:
             raise self.error(self.failure or f"{self.kind} worker process(es) {dead} stopped; the run cannot go on")
         try:
@@ -141,8 +140,11 @@ class WorkerGroup:
         if self._channel is None or not self._channel.send(item, self._workers_alive, self.timeout_s):
             dist.broadcast_object_list([item], src=0, group=self._steps)  # no channel, or too large for it
 
+    def _dead_pids(self) -> list[int]:
+        return [p.pid for p in self.processes if not p.is_alive()]
+
     def _workers_alive(self) -> bool:
-        return all(p.is_alive() for p in self.processes)
+        return not self._dead_pids()
 
     def check(self) -> None:
         """After rank 0's part of a step or of the set-up: raise if a worker died meanwhile (collectives aborted)."""
@@ -153,7 +155,7 @@ class WorkerGroup:
     def _watch_workers(self) -> None:
         """GPU ranks: a dead worker leaves rank 0 inside an NCCL kernel that never returns; abort it instead."""
         while not self._closing.wait(WATCH_INTERVAL_S):
-            dead = [p.pid for p in self.processes if not p.is_alive()]
+            dead = self._dead_pids()
             if not dead:
                 continue
             self.failure = f"{self.kind} worker process(es) {dead} stopped; the run cannot go on"
@@ -172,7 +174,7 @@ class WorkerGroup:
             return
         self._closing.set()
         atexit.unregister(self.shutdown)
-        healthy = all(p.is_alive() for p in self.processes) and not self.failure
+        healthy = self._workers_alive() and not self.failure
         try:
             if healthy:
                 self._send(None)
