@@ -12,14 +12,22 @@ from collections.abc import Callable
 from kiln.bench.metrics import RequestTrace
 from kiln.bench.workload import BenchRequest
 from kiln.runtime.engine import LLMEngine
+from kiln.runtime.outputs import RequestOutputKind
 from kiln.runtime.sampling_params import SamplingParams
 
 Progress = Callable[[int], None]  # called with the number of requests just finished
 
 
 def _params(request: BenchRequest, ignore_eos: bool) -> SamplingParams:
-    # Sampling as vLLM's benchmarks: temperature 1, no truncation; the seed keeps runs repeatable.
-    return SamplingParams(max_tokens=request.output_len, ignore_eos=ignore_eos, temperature=1.0, seed=0)
+    # Sampling as vLLM's benchmarks: temperature 1, no truncation; the seed keeps runs repeatable. Each
+    # step's output carries only its new tokens (all the timing needs), not a copy of everything so far.
+    return SamplingParams(
+        max_tokens=request.output_len,
+        ignore_eos=ignore_eos,
+        temperature=1.0,
+        seed=0,
+        output_kind=RequestOutputKind.DELTA,
+    )
 
 
 def run_batch(
@@ -41,7 +49,7 @@ def run_batch(
         finished = 0
         for output in outputs:
             times = token_times[output.request_id]
-            times.extend([now] * (len(output.outputs[0].token_ids) - len(times)))
+            times.extend([now] * len(output.outputs[0].token_ids))
             if output.finished:
                 ends[output.request_id] = now
                 finished += 1

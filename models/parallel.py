@@ -52,6 +52,15 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_from_first_rank(x: torch.Tensor) -> torch.Tensor:
+    """x of the group's first rank, on every rank (in place); x itself without parallelism."""
+    state = _STATE
+    if state.size > 1:
+        source = dist.get_global_rank(state.group, 0) if state.group is not None else 0
+        dist.broadcast(x, src=source, group=state.group)
+    return x
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """The ranks' x concatenated along the last dimension, in rank order."""
     state = _STATE

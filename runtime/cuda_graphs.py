@@ -9,6 +9,7 @@ after capture (a graph replays fixed addresses): each step only copies new value
 
 import bisect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,8 +115,12 @@ class DecodeGraphs:
         slot_mapping: list[int],
         seq_lens: list[int],
         block_tables: list[list[int]],
+        fill_inputs: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Replay the bucket's graph for this decode batch; returns hidden states [batch_size, hidden]."""
+        """Replay the bucket's graph for this decode batch; returns hidden states [batch_size, hidden].
+
+        fill_inputs, if given, may overwrite input ids on the device (tokens the previous step sampled).
+        """
         batch_size = len(input_ids)
         bucket = self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, batch_size)]
         # One host array for the four per-sequence inputs; padding rows store nothing (slot -1) and see a
@@ -131,6 +136,8 @@ class DecodeGraphs:
         self.positions[:bucket].copy_(staged[1])
         self.slot_mapping[:bucket].copy_(staged[2])
         self.seq_lens[:bucket].copy_(staged[3])
+        if fill_inputs is not None:
+            fill_inputs(self.input_ids[:batch_size])
         # Only the columns in use are written: the kernels read a row's blocks up to its seq_len, so stale
         # ids further right are never read (and are valid block ids anyway).
         width = max(len(row) for row in block_tables)

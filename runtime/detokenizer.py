@@ -54,6 +54,15 @@ class IncrementalDetokenizer:
         return self._decoded[: self._num_emitted]
 
     @property
+    def text_length(self) -> int:
+        """Characters of output text returned so far."""
+        return self._num_emitted
+
+    def text_since(self, start: int) -> str:
+        """Output text from character `start` on (a step's new text, without copying all of it)."""
+        return self._decoded[start : self._num_emitted]
+
+    @property
     def stopped_by(self) -> str | None:
         """The stop string that matched, or None."""
         return self._stopped_by

@@ -1,11 +1,20 @@
-"""The engine: `step = schedule -> execute -> update`, plus requests in and outputs out."""
+"""The engine: `step = schedule -> launch -> update`, plus requests in and outputs out.
+
+With async scheduling a step launches the next step before it reads back the tokens of the one in
+flight, so the host's bookkeeping of step N (tokens, stop checks, detokenization, outputs) runs while
+the GPU computes step N+1; the cost is one step computed for a request that turns out to have
+stopped (its result is dropped). Requests whose sampling needs every earlier token on the host
+(repetition, presence or frequency penalties) make the engine wait for each step instead.
+"""
 
 import dataclasses
 import itertools
 import logging
+import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,9 +27,10 @@ from kiln.models.loader import load_model
 from kiln.runtime.cuda_graphs import DecodeGraphs, DecodeGraphSpec, capture_decode_graphs, default_bucket_sizes
 from kiln.runtime.engine_artifact import apply_engine_options, engine_manifest, prepare_engine
 from kiln.runtime.engine_config import EngineConfig, resolve_device, resolve_kv_cache_dtype
+from kiln.runtime.engine_limits import EngineLimits, resolve_limits
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import KVCachePlan, plan_rank_kv_blocks
-from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.model_runner import LaunchedStep, ModelRunner
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.parallel_launch import start_other_ranks
 from kiln.runtime.request import Request
@@ -31,22 +41,6 @@ from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
 from kiln.runtime.tp_workers import CacheSpec, release_graphs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """The resolved sizes the engine runs with (printed once, recorded by callers)."""
-
-    max_batch_size: int
-    max_num_tokens: int
-    max_seq_len: int
-    block_size: int
-    num_kv_blocks: int
-    attention_backend: str
-    device: str
-    dtype: str
-    kv_cache_dtype: str
-    cuda_graph_batch_sizes: tuple[int, ...] = ()  # decode batch sizes replayed from CUDA graphs
 
 
 class LLMEngine:
@@ -123,6 +117,16 @@ class LLMEngine:
         self._group_by_sample: dict[str, RequestGroup] = {}
         self._seed_stream = random.Random(config.seed)  # seeds for requests that bring none: reproducible runs
         self._ids = itertools.count()
+        self._async_scheduling = self._resolve_async_scheduling(device)
+        self._in_flight: LaunchedStep | None = None
+        self._num_penalised_requests = 0  # their sampling reads all earlier tokens: no step may be in flight
+
+    def _resolve_async_scheduling(self, device: torch.device) -> bool:
+        if self.config.pp_size > 1:
+            return False  # the stages run micro-batches of the step rank 0 sends, tokens and all
+        if self.config.async_scheduling is not None:
+            return self.config.async_scheduling
+        return device.type == "cuda" and os.environ.get("KILN_DISABLE_ASYNC_SCHEDULING") != "1"
 
     @property
     def runner_dtype(self) -> torch.dtype:
@@ -155,41 +159,8 @@ class LLMEngine:
         return graphs
 
     def _resolve_limits(self, device: torch.device) -> EngineLimits:
-        config, model_config = self.config, self.model_config
-        max_seq_len = config.max_seq_len or model_config.max_position_embeddings
-        if max_seq_len > model_config.max_position_embeddings:
-            raise UserInputError(
-                f"max_seq_len={max_seq_len} exceeds the model's context of "
-                f"{model_config.max_position_embeddings} tokens"
-            )
-        max_batch_size = config.max_batch_size or (256 if device.type == "cuda" else 32)
-        max_num_tokens = config.max_num_tokens or (8192 if device.type == "cuda" else 2048)
-        num_kv_blocks = config.num_kv_blocks or self._plan_kv_blocks(
-            KVCachePlan(
-                config.block_size,
-                max_seq_len,
-                max_batch_size,
-                max_num_tokens,
-                config.kv_cache_memory_fraction,
-                self.kv_cache_dtype,
-            ),
-            device,
-        )
-        if num_kv_blocks - 1 < -(-max_seq_len // config.block_size):
-            raise UserInputError(
-                f"num_kv_blocks={num_kv_blocks} cannot hold one sequence of max_seq_len={max_seq_len} "
-                f"({config.block_size} tokens per block, block 0 reserved); raise it or lower max_seq_len"
-            )
-        return EngineLimits(
-            max_batch_size=max_batch_size,
-            max_num_tokens=max_num_tokens,
-            max_seq_len=max_seq_len,
-            block_size=config.block_size,
-            num_kv_blocks=num_kv_blocks,
-            attention_backend=config.attention_backend,
-            device=str(device),
-            dtype=str(self.runner_dtype).removeprefix("torch."),
-            kv_cache_dtype=str(self.kv_cache_dtype).removeprefix("torch."),
+        return resolve_limits(
+            self.config, self.model_config, device, self.runner_dtype, self.kv_cache_dtype, self._plan_kv_blocks
         )
 
     def _plan_kv_blocks(self, plan: KVCachePlan, device: torch.device) -> int:
@@ -214,6 +185,7 @@ class LLMEngine:
         samples = [self._new_sample(sample_id, i, prompt_token_ids, params) for i, sample_id in enumerate(sample_ids)]
         group = RequestGroup(request_id, prompt, prompt_token_ids, params, samples, self.tokenizer)
         self.groups[request_id] = group
+        self._num_penalised_requests += params.needs_output_tokens_on_host
         self._group_by_sample.update({sample.request_id: group for sample in samples})
         self.scheduler.add(samples[0])  # siblings join once the first has computed the shared prompt
         return request_id
@@ -237,26 +209,57 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        """Whether any request is still waiting or running."""
-        return self.scheduler.has_unfinished
+        """Whether any request is still waiting or running, or a step's results are still to be read."""
+        return self.scheduler.has_unfinished or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """One step: schedule, run the model, update; returns outputs of the requests that advanced."""
+        """One step: schedule, launch; returns outputs of the requests that advanced in the step it finished.
+
+        With async scheduling that is the step launched by the previous call, read back after this call's
+        launch (a first call returns nothing); otherwise the step launched now.
+        """
+        overlap = self._async_scheduling and self._num_penalised_requests == 0
+        if self._in_flight is not None and not overlap:
+            return self._finish(self._take_in_flight())
         scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
+            if self._in_flight is not None:  # whatever is left waits on the step in flight (e.g. its last tokens)
+                return self._finish(self._take_in_flight())
             if self.scheduler.has_unfinished:
                 raise RuntimeError("scheduler made no progress although requests are waiting")
             return []
+        with self._worker_errors_first():
+            launched = self.runner.launch(scheduled)
+        if not overlap:
+            return self._finish(launched)
+        previous, self._in_flight = self._in_flight, launched
+        return self._finish(previous) if previous is not None else []
+
+    def _take_in_flight(self) -> LaunchedStep:
+        launched, self._in_flight = self._in_flight, None
+        assert launched is not None
+        return launched
+
+    @contextmanager
+    def _worker_errors_first(self) -> Iterator[None]:
+        """A worker that died during the step: its error, not the step's garbage."""
         try:
-            result = self.runner.execute(scheduled)
+            yield
         finally:
             if self.workers is not None:
-                self.workers.check()  # a worker that died during the step: its error, not the step's garbage
-        changed = self.scheduler.update(scheduled, result.sampled)
+                self.workers.check()
+
+    def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens back, advance its requests, and make their outputs."""
+        with self._worker_errors_first():
+            result = self.runner.finish(launched)
+        changed = self.scheduler.update(launched.scheduled, result.sampled)
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}
         for request_id, entries in result.prompt_logprobs.items():
-            self._group_of(request_id).samples_by_id[request_id].prompt_logprobs.extend(entries)
+            group = self._group_by_sample.get(request_id)
+            if group is not None:  # else aborted while the step ran
+                group.samples_by_id[request_id].prompt_logprobs.extend(entries)
         for request in changed:
             group = self._group_of(request.request_id)
             if request.request_id in result.logprobs:
@@ -265,11 +268,11 @@ class LLMEngine:
             if stop_string is not None:
                 self.scheduler.finish(request, "stop", now, stop_reason=stop_string)
             touched[group.request_id] = group
-        for chunk in scheduled.chunks:  # the shared prompt is computed: let the other samples in
-            group = self._group_of(chunk.request.request_id)
-            for sibling in group.release_siblings(chunk.request):
+        for chunk in launched.scheduled.chunks:  # the shared prompt is computed: let the other samples in
+            group = self._group_by_sample.get(chunk.request.request_id)
+            for sibling in group.release_siblings(chunk.request) if group is not None else ():
                 self.scheduler.add(sibling, front=True)
-        outputs = [group.output() for group in touched.values()]
+        outputs = [group.output() for group in touched.values() if group.reports_every_step or group.finished]
         for output in outputs:
             if output.finished:
                 self._forget(output.request_id)
@@ -286,6 +289,7 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         group = self.groups.pop(request_id)
+        self._num_penalised_requests -= group.params.needs_output_tokens_on_host
         for sample in group.samples:
             self._group_by_sample.pop(sample.request_id, None)
 

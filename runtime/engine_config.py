@@ -38,6 +38,9 @@ class EngineConfig:
     # pipeline stages (CPU for now), each of tp_size processes; None = the engine's, else 1
     pp_size: int | None = None
     tp_timeout_s: float = 60.0  # a rank (or pipeline stage) silent this long ends the run with an error
+    # Schedule and launch step N+1 while the GPU runs step N (None = on for one CUDA process, unless the
+    # environment sets KILN_DISABLE_ASYNC_SCHEDULING=1); True on the CPU runs the same logic, for tests.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "max_seq_len", "num_kv_blocks"):

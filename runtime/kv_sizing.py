@@ -20,6 +20,8 @@ from kiln.core.errors import UserInputError
 from kiln.kernels.attention import AttentionMetadata
 from kiln.models.config import ModelConfig
 from kiln.models.layers import Attention
+from kiln.models.parallel import tensor_parallel
+from kiln.models.pipeline import pipeline_stage
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +59,12 @@ def plan_rank_kv_blocks(model: nn.Module, config: ModelConfig, device: torch.dev
 
 
 def _smallest_over_ranks(value: int, device: torch.device) -> int:
-    """The minimum of `value` over the process group (value itself in a single process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    """The minimum of `value` over the ranks of this model (value itself for a model on one rank).
+
+    Asked of the model's parallel state, not of torch.distributed: a one-rank engine in a process that
+    still holds a group (an earlier engine's, a caller's) must not wait on it.
+    """
+    if tensor_parallel().size == 1 and pipeline_stage().size == 1:
         return value
     box = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(box, op=dist.ReduceOp.MIN)

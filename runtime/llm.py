@@ -1,14 +1,14 @@
 """`LLM`: the offline Python API, in the shape vLLM and TensorRT-LLM users know."""
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kiln.core.errors import UserInputError
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.engine_config import EngineConfig
 from kiln.runtime.model_dir import resolve_model_source
-from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.outputs import RequestOutput, RequestOutputKind
 from kiln.runtime.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -43,7 +43,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run all prompts to completion with continuous batching; outputs come back in input order."""
         prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompt_list))
+        # Only finished outputs are read here: the engine need not copy every request's tokens every step.
+        params_list = [
+            replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+            for params in _as_params_list(sampling_params, len(prompt_list))
+        ]
         request_ids = [self._add(prompt, params) for prompt, params in zip(prompt_list, params_list)]
         finals: dict[str, RequestOutput] = {}
         try:
@@ -61,7 +65,8 @@ class LLM:
 
     def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Generate one request, yielding the new text after every step that produced some."""
-        request_id = self._add(prompt, sampling_params or SamplingParams())
+        params = replace(sampling_params or SamplingParams(), output_kind=RequestOutputKind.CUMULATIVE)
+        request_id = self._add(prompt, params)
         text_seen, tokens_seen = 0, 0
         try:
             finished = False

@@ -18,10 +18,12 @@ from kiln.kernels.attention import AttentionMetadata
 from kiln.kernels.attention_backends import AttentionBackend
 from kiln.models.config import ModelConfig
 from kiln.models.layers import Attention
+from kiln.models.parallel import broadcast_from_first_rank, tensor_parallel
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.kv_cache_manager import KVCacheManager
+from kiln.runtime.logprob_collection import prompt_logprob_jobs, prompt_logprobs, sampled_logprobs
 from kiln.runtime.request import Request
-from kiln.runtime.sampler import Sampler, SamplingBatch, suppress_tokens
+from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, suppress_tokens
 from kiln.runtime.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class _FlatBatch:
     block_tables: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # flat index of the last token of sampling chunks
     sampling_requests: list[Request] = field(default_factory=list)
+    pending_rows: list[int] = field(default_factory=list)  # flat rows whose token the step in flight samples
+    pending_sources: list[int] = field(default_factory=list)  # ... at these rows of its sampled tokens
 
 
 @dataclass
@@ -62,6 +66,22 @@ class StepInputs:
     seq_lens: list[int]
     block_tables: list[list[int]]
     logit_rows: list[list[int]]  # row groups whose logits are computed, in order: prompt logprobs, then sampling
+    # Rows of input_ids to take from the previous step's sampled tokens on the device (rank 0 alone uses them).
+    pending_rows: list[int] = field(default_factory=list)
+    pending_sources: list[int] = field(default_factory=list)
+    num_previous_tokens: int = 0  # tokens the previous step sampled (other ranks receive them from rank 0)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose kernels are queued; `ModelRunner.finish` waits for its tokens."""
+
+    scheduled: SchedulerOutput
+    sampling_requests: list[Request]
+    prompt_logprobs: dict[str, list[TopLogprobs]]  # read at launch: their logits are too big to keep
+    sampled: SamplerOutput | None = None
+    host_token_ids: torch.Tensor | None = None  # pinned copy of the tokens, queued after the sampler
+    copied: torch.cuda.Event | None = None
 
 
 def kv_cache_block_bytes(
@@ -124,6 +144,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine after capture (CUDA + Triton only)
         self.broadcast: Callable[[StepInputs | None], None] | None = None  # set under tensor parallelism
+        self._previous_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)  # the last launch's samples
+        self._previous_rows: dict[str, int] = {}  # request id -> row of _previous_tokens
         self.attention_layers = [module for module in model.modules() if isinstance(module, Attention)]
         for layer in self.attention_layers:
             shape = (num_blocks, block_size, layer.num_kv_heads, config.head_dim)  # this rank's KV heads
@@ -136,28 +158,57 @@ class ModelRunner:
             layer.kv_cache_scales = kv_cache_scales(layer, self.kv_cache_dtype)
         logger.debug("KV cache: %d blocks of %d tokens, attention backend %s", num_blocks, block_size, backend.name)
 
-    @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
-        """Run one step: forward over the flat batch, then sample for the chunks that end their tokens."""
+        """Run one step and wait for it: forward over the flat batch, then sample."""
+        return self.finish(self.launch(scheduled))
+
+    @torch.inference_mode()
+    def launch(self, scheduled: SchedulerOutput) -> LaunchedStep:
+        """Queue one step's forward and sampling without waiting for the device (prompt logprobs excepted).
+
+        Rows whose input is the token the previous launch sampled read it from that launch's device tensor;
+        the previous launch must be the step before this one.
+        """
         batch = self._pack(scheduled.chunks)
-        prompt_jobs = self._prompt_logprob_jobs(scheduled.chunks)
-        rows = [job[3] for job in prompt_jobs] + ([batch.sample_rows] if batch.sample_rows else [])
+        prompt_jobs = prompt_logprob_jobs(scheduled.chunks)
+        rows = [job.rows for job in prompt_jobs] + ([batch.sample_rows] if batch.sample_rows else [])
         step = StepInputs(
             batch.input_ids, batch.positions, batch.slot_mapping, batch.query_lens, batch.seq_lens,
-            batch.block_tables, rows,
+            batch.block_tables, rows, batch.pending_rows, batch.pending_sources, len(self._previous_rows),
         )  # fmt: skip
         if self.broadcast is not None:
             self.broadcast(step)  # the other ranks run the same forward and logits with their shards
         logits = self.run_step(step)
-        output = RunnerOutput()
-        self._prompt_logprobs(prompt_jobs, logits[: len(prompt_jobs)], output)
+        launched = LaunchedStep(
+            scheduled, batch.sampling_requests, prompt_logprobs(prompt_jobs, logits[: len(prompt_jobs)])
+        )
         if batch.sample_rows:
-            self._sample(logits[-1], batch, output)
+            self._sample(logits[-1], batch.sampling_requests, launched)
+        else:
+            self._previous_rows = {}
+        return launched
+
+    def finish(self, launched: LaunchedStep) -> RunnerOutput:
+        """Wait for a launched step's tokens and read them (and logprobs) back."""
+        output = RunnerOutput(prompt_logprobs=launched.prompt_logprobs)
+        result = launched.sampled
+        if result is None:
+            return output
+        if launched.copied is not None:
+            launched.copied.synchronize()  # the step's one wait for the device
+            token_ids = launched.host_token_ids.tolist()
+        else:
+            token_ids = result.sampled_token_ids.tolist()
+        output.sampled = {request.request_id: token for request, token in zip(launched.sampling_requests, token_ids)}
+        if result.sampled_logprobs is not None:
+            output.logprobs = sampled_logprobs(launched.sampling_requests, token_ids, result)
         return output
 
     @torch.inference_mode()
     def run_step(self, step: StepInputs) -> list[torch.Tensor]:
         """Forward over the step's tokens, then fp32 logits of each row group (every rank runs this)."""
+        if step.pending_rows and tensor_parallel().size > 1:
+            self._share_previous_tokens(step.num_previous_tokens)
         hidden = self._forward(step)  # [num_tokens, hidden]
         return [self.model.compute_logits(select_rows(hidden, rows)) for rows in step.logit_rows]
 
@@ -166,8 +217,25 @@ class ModelRunner:
         graphs = self.decode_graphs
         is_decode = len(batch.input_ids) == len(batch.query_lens)  # one new token per sequence
         if graphs is not None and is_decode and graphs.can_run(len(batch.input_ids)):
-            return graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables)
-        return self.model(*eager_inputs(batch, self.device))
+            return graphs.run(
+                batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables,
+                fill_inputs=lambda input_ids: self._fill_pending(input_ids, batch),
+            )  # fmt: skip
+        input_ids, positions, metadata = eager_inputs(batch, self.device)
+        self._fill_pending(input_ids, batch)
+        return self.model(input_ids, positions, metadata)
+
+    def _share_previous_tokens(self, count: int) -> None:
+        """Rank 0's tokens of the previous step on every rank, device to device (no rank waits for its host)."""
+        if tensor_parallel().rank != 0:
+            self._previous_tokens = torch.empty(count, dtype=torch.int64, device=self.device)
+        broadcast_from_first_rank(self._previous_tokens)
+
+    def _fill_pending(self, input_ids: torch.Tensor, step: StepInputs) -> None:
+        """Write the previous step's sampled tokens into the rows that take them, on the device."""
+        if step.pending_rows:
+            index = to_device([step.pending_rows, step.pending_sources], torch.int64, self.device)  # [2, n]
+            input_ids.index_copy_(0, index[0], self._previous_tokens.index_select(0, index[1]))
 
     def _pack(self, chunks: list[ScheduledChunk]) -> _FlatBatch:
         batch = _FlatBatch()
@@ -175,7 +243,12 @@ class ModelRunner:
         for chunk in chunks:
             request, start, end = chunk.request, chunk.start, chunk.start + chunk.num_new_tokens
             block_ids = self.kv_cache.block_ids(request.request_id)
-            batch.input_ids += request.token_ids[start:end]
+            known = request.token_ids[start:end]
+            if len(known) < end - start:  # its last input is the token the step in flight samples
+                batch.pending_rows.append(len(batch.input_ids) + len(known))
+                batch.pending_sources.append(self._previous_rows[request.request_id])
+                known.append(0)
+            batch.input_ids += known
             batch.positions += range(start, end)
             batch.slot_mapping += [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
             batch.query_lens.append(chunk.num_new_tokens)
@@ -186,9 +259,8 @@ class ModelRunner:
                 batch.sampling_requests.append(request)
         return batch
 
-    def _sample(self, logits: torch.Tensor, batch: _FlatBatch, output: RunnerOutput) -> None:
-        """Sample from the logits [num_sampling, vocab] (fp32) of the rows that end their tokens."""
-        requests = batch.sampling_requests
+    def _sample(self, logits: torch.Tensor, requests: list[Request], launched: LaunchedStep) -> None:
+        """Queue sampling from the logits [num_sampling, vocab] (fp32) and the tokens' copy to the host."""
         self._suppress_early_stops(logits, requests)
         sampling = SamplingBatch.build(
             [request.sampling_params for request in requests],
@@ -196,65 +268,28 @@ class ModelRunner:
             [request.prompt_token_ids for request in requests],
             [request.output_token_ids for request in requests],
             self.device,
+            output_positions=[request.num_output_tokens - 1 for request in requests],  # the new token's
         )
         result = self.sampler(logits, sampling)
-        token_ids = result.sampled_token_ids.tolist()  # the step's one host sync
-        for request, token_id in zip(requests, token_ids):
-            output.sampled[request.request_id] = token_id
-        if result.sampled_logprobs is not None:
-            self._collect_logprobs(requests, token_ids, result, output)
+        launched.sampled = result
+        # The next step reads these rows' tokens from the device before this one is finished.
+        self._previous_tokens = result.sampled_token_ids
+        self._previous_rows = {request.request_id: row for row, request in enumerate(requests)}
+        if self.device.type == "cuda":
+            launched.host_token_ids = torch.empty(len(requests), dtype=torch.int64, pin_memory=True)
+            launched.host_token_ids.copy_(result.sampled_token_ids, non_blocking=True)
+            launched.copied = torch.cuda.Event()
+            launched.copied.record()
 
     def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Below min_tokens, EOS and stop tokens cannot be sampled."""
         rows, banned = [], []
         for row, request in enumerate(requests):
             params = request.sampling_params
-            if len(request.output_token_ids) < params.min_tokens:
+            if request.num_output_tokens - 1 < params.min_tokens:  # the count before the token sampled now
                 stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(request.eos_token_ids))
                 if stop_ids:
                     rows.append(row)
                     banned.append(sorted(stop_ids))
         if rows:
             suppress_tokens(logits, rows, banned)
-
-    def _collect_logprobs(self, requests: list[Request], token_ids: list[int], result, output: RunnerOutput) -> None:
-        sampled_logprobs = result.sampled_logprobs.tolist()
-        top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
-        top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        for row, request in enumerate(requests):
-            wanted = request.sampling_params.logprobs
-            if wanted is None:
-                continue
-            entry = {token_ids[row]: sampled_logprobs[row]}
-            if top_ids is not None and wanted > 0:
-                entry.update(zip(top_ids[row][:wanted], top_values[row][:wanted]))
-            output.logprobs[request.request_id] = entry
-
-    def _prompt_logprob_jobs(self, chunks: list[ScheduledChunk]) -> list[tuple[Request, int, int, list[int]]]:
-        """(request, first, last, flat rows) of each chunk whose prompt positions [first, last) need logprobs."""
-        jobs, offset = [], 0
-        for chunk in chunks:
-            request = chunk.request
-            # Position p predicts prompt token p + 1; entries already collected (before a preemption) are kept.
-            first = max(chunk.start, len(request.prompt_logprobs))
-            last = min(chunk.start + chunk.num_new_tokens, request.num_prompt_tokens - 1)
-            if request.sampling_params.prompt_logprobs is not None and first < last:
-                jobs.append(
-                    (request, first, last, list(range(offset + first - chunk.start, offset + last - chunk.start)))
-                )
-            offset += chunk.num_new_tokens
-        return jobs
-
-    def _prompt_logprobs(self, jobs: list, logits: list[torch.Tensor], output: RunnerOutput) -> None:
-        """Logprob of each prompt token given the tokens before it (positions computed this step)."""
-        for (request, first, last, _), job_logits in zip(jobs, logits):
-            wanted = request.sampling_params.prompt_logprobs
-            logprobs = torch.log_softmax(job_logits, dim=-1)  # [n, vocab]
-            targets = to_device(request.token_ids[first + 1 : last + 1], torch.int64, self.device)
-            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            entries = [{target: value} for target, value in zip(targets.tolist(), chosen)]
-            if wanted > 0:
-                top_values, top_ids = logprobs.topk(wanted, dim=-1)
-                for entry, ids, values in zip(entries, top_ids.tolist(), top_values.tolist()):
-                    entry.update(zip(ids, values))
-            output.prompt_logprobs[request.request_id] = entries

@@ -1,8 +1,21 @@
 """What generation returns: one RequestOutput per prompt, with its n completions and timings."""
 
 from dataclasses import dataclass
+from enum import Enum
 
 TopLogprobs = dict[int, float]  # token id -> logprob
+
+
+class RequestOutputKind(Enum):
+    """What each output of a request carries (as vLLM's option of the same name).
+
+    CUMULATIVE copies everything generated so far into every step's output: simple, but O(length) a step
+    per request. DELTA carries only what the step added; FINAL_ONLY reports once, when the request ends.
+    """
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL_ONLY = "final_only"
 
 
 @dataclass

@@ -28,7 +28,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     fork_from: str | None = None  # a sibling whose prompt KV blocks this sample shares (n > 1)
     status: RequestStatus = RequestStatus.WAITING
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # counted when scheduled: a step in flight has them computed by the next
+    # Tokens sampled by a step still in flight (0 or 1): on the device, not yet in token_ids.
+    num_pending_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     # prompt + output; kept as one list because the runner slices it every step.
     token_ids: list[int] = field(default_factory=list)
@@ -52,8 +54,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus generated tokens."""
-        return len(self.token_ids)
+        """Prompt plus generated tokens, counting one sampled by a step still in flight."""
+        return len(self.token_ids) + self.num_pending_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens, counting one sampled by a step still in flight."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -61,7 +68,8 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def append_output(self, token_id: int, now: float) -> None:
-        """Record a newly sampled token."""
+        """Record a newly sampled token (the pending one its step sampled)."""
+        self.num_pending_tokens -= 1
         self.output_token_ids.append(token_id)
         self.token_ids.append(token_id)
         if self.first_token_time is None:

@@ -3,7 +3,7 @@
 from typing import Any
 
 from kiln.runtime.detokenizer import IncrementalDetokenizer
-from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kiln.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestOutputKind
 from kiln.runtime.request import Request
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -26,12 +26,16 @@ class RequestGroup:
         self.params = params
         self.samples = samples
         self.samples_by_id = {sample.request_id: sample for sample in samples}
+        self._single = len(samples) == 1
         self._pending_siblings = samples[1:]
         self._detokenizers = (
             {sample.request_id: IncrementalDetokenizer(tokenizer, prompt_token_ids, params) for sample in samples}
             if tokenizer is not None
             else {}
         )
+        # DELTA outputs: per sample, the tokens and text characters earlier outputs already carried.
+        self._sent_tokens = [0] * len(samples)
+        self._sent_chars = [0] * len(samples)
 
     def on_token(self, request: Request) -> str | None:
         """Feed a sample's new token to its detokenizer; returns the stop string it hit, if any."""
@@ -59,31 +63,52 @@ class RequestGroup:
     @property
     def finished(self) -> bool:
         """Whether every sample has ended."""
+        if self._single:  # the common n = 1, asked every step for every request: no generator
+            return self.samples[0].is_finished
         return all(sample.is_finished for sample in self.samples)
 
+    def _first_token_time(self) -> float | None:
+        if self._single:
+            return self.samples[0].first_token_time
+        times = [s.first_token_time for s in self.samples if s.first_token_time is not None]
+        return min(times) if times else None
+
+    def _finish_time(self) -> float | None:
+        if self._single:
+            return self.samples[0].finish_time
+        times = [s.finish_time for s in self.samples if s.finish_time is not None]
+        return max(times) if times else None
+
+    @property
+    def reports_every_step(self) -> bool:
+        """Whether a step that advanced the request reports it (FINAL_ONLY requests report only at the end)."""
+        return self.params.output_kind is not RequestOutputKind.FINAL_ONLY
+
     def output(self) -> RequestOutput:
-        """A snapshot of the request: text so far of every sample, timings, logprobs."""
+        """The request's output: all so far (CUMULATIVE, FINAL_ONLY) or what is new since the last (DELTA)."""
         first = self.samples[0]
+        delta = self.params.output_kind is RequestOutputKind.DELTA
         prompt_logprobs = None
-        if self.params.prompt_logprobs is not None:
+        if self.params.prompt_logprobs is not None and not (delta and self._sent_tokens[0] > 0):
             prompt_logprobs = [None, *first.prompt_logprobs]
-        first_token_times = [s.first_token_time for s in self.samples if s.first_token_time is not None]
-        finish_times = [s.finish_time for s in self.samples if s.finish_time is not None]
         finished = self.finished
         metrics = RequestMetrics(
             arrival_time=first.arrival_time,
-            first_token_time=min(first_token_times) if first_token_times else None,
-            finish_time=max(finish_times) if finished and finish_times else None,
+            first_token_time=self._first_token_time(),
+            finish_time=self._finish_time() if finished else None,
             num_prompt_tokens=len(self.prompt_token_ids),
             num_cached_prompt_tokens=first.num_cached_prompt_tokens,
-            num_preemptions=sum(s.num_preemptions for s in self.samples),
+            num_preemptions=first.num_preemptions if self._single else sum(s.num_preemptions for s in self.samples),
         )
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=prompt_logprobs,
-            outputs=[self._completion(index, sample) for index, sample in enumerate(self.samples)],
+            outputs=[
+                self._new_part(index, sample) if delta else self._completion(index, sample)
+                for index, sample in enumerate(self.samples)
+            ],
             finished=finished,
             metrics=metrics,
         )
@@ -97,4 +122,20 @@ class RequestGroup:
             finish_reason=sample.finish_reason,
             stop_reason=sample.stop_reason,
             logprobs=list(sample.logprobs) if self.params.logprobs is not None else None,
+        )
+
+    def _new_part(self, index: int, sample: Request) -> CompletionOutput:
+        """What sample `index` added since the last output: O(new tokens), however long it has grown."""
+        detokenizer = self._detokenizers.get(sample.request_id)
+        first_token, first_char = self._sent_tokens[index], self._sent_chars[index]
+        self._sent_tokens[index] = len(sample.output_token_ids)
+        if detokenizer is not None:
+            self._sent_chars[index] = detokenizer.text_length
+        return CompletionOutput(
+            index=index,
+            text=detokenizer.text_since(first_char) if detokenizer is not None else "",
+            token_ids=sample.output_token_ids[first_token:],
+            finish_reason=sample.finish_reason,
+            stop_reason=sample.stop_reason,
+            logprobs=sample.logprobs[first_token:] if self.params.logprobs is not None else None,
         )

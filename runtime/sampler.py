@@ -55,10 +55,12 @@ class SamplingBatch:
         prompt_token_ids: list[Sequence[int]],
         output_token_ids: list[Sequence[int]],
         device: torch.device | str,
+        output_positions: Sequence[int] | None = None,
     ) -> "SamplingBatch":
         """Gather the rows' params into device tensors (two queued copies, no host sync).
 
-        seeds: each row's request seed; the row's output position is len(output_token_ids[row]).
+        seeds: each row's request seed; the row's output position is output_positions[row], by default
+        len(output_token_ids[row]) (a step in flight may hold tokens the host does not know yet).
         """
         device = torch.device(device)
         random = [p for p in params if not p.is_greedy]
@@ -74,7 +76,8 @@ class SamplingBatch:
             torch.float32,
             device,
         )  # [6, B]
-        keys = row_keys(seeds, [len(output) for output in output_token_ids])
+        positions = output_positions if output_positions is not None else [len(ids) for ids in output_token_ids]
+        keys = row_keys(seeds, positions)
         integers = to_device(np.stack([[max(p.top_k, 0) for p in params], keys]), torch.int64, device)  # [2, B]
         use_repetition = any(p.repetition_penalty != 1.0 for p in params)
         use_penalties = use_repetition or any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kiln.core.errors import UserInputError
+from kiln.runtime.outputs import RequestOutputKind
 
 # Below this temperature a request is decoded greedily (dividing logits by it would overflow).
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -57,6 +58,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each step's output carries
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -82,6 +84,8 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(name, "true or false", getattr(self, name))
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise _fail("output_kind", "a RequestOutputKind", self.output_kind)
         self._set("stop", self._normalise_stop(self.stop))
         self._set("stop_token_ids", self._normalise_stop_token_ids(self.stop_token_ids))
 
@@ -105,6 +109,11 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
             raise _fail("stop_token_ids", "a list of token ids (integers >= 0) or None", ids)
         return tuple(ids)
+
+    @property
+    def needs_output_tokens_on_host(self) -> bool:
+        """Whether sampling reads every earlier output token (penalties), so no step may still be in flight."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def is_greedy(self) -> bool:

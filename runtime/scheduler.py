@@ -26,11 +26,7 @@ class ScheduledChunk:
     request: Request
     start: int
     num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the known tokens, so the step samples a token after it."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    samples: bool  # the chunk reaches the end of the request's tokens, so the step samples a token after it
 
 
 @dataclass
@@ -85,12 +81,14 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            index += 1
+            if request.num_output_tokens >= request.sampling_params.max_tokens:
+                continue  # its last token is still in flight: the step that returns it finishes the request
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new, output):
                 break  # the request itself was preempted: nobody after it is running any more
-            output.chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+            self._schedule_chunk(output, request, request.num_computed_tokens, num_new)
             budget -= num_new
-            index += 1
         if not output.preempted:  # admitting new work right after a preemption would just thrash
             self._admit_waiting(output, budget)
         self.stats.num_steps += 1
@@ -126,8 +124,17 @@ class Scheduler:
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            output.chunks.append(ScheduledChunk(request, num_computed, num_new))
+            self._schedule_chunk(output, request, num_computed, num_new)
             budget -= num_new
+
+    @staticmethod
+    def _schedule_chunk(output: SchedulerOutput, request: Request, start: int, num_new: int) -> None:
+        """Count the chunk's tokens computed now, so the next step can be scheduled while this one runs."""
+        samples = start + num_new == request.num_tokens
+        output.chunks.append(ScheduledChunk(request, start, num_new, samples))
+        request.num_computed_tokens = start + num_new
+        if samples:
+            request.num_pending_tokens += 1
 
     def _reusable_prefix(self, request: Request) -> tuple[int, CachedPrefix | None]:
         """Tokens a waiting request need not compute: shared from its sibling, or found in the prefix cache."""
@@ -148,26 +155,31 @@ class Scheduler:
         logger.debug("preempted %s (KV cache full)", request.request_id)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish requests; returns the requests that changed."""
+        """Append a step's sampled tokens, finish requests; returns the requests that changed.
+
+        A request may have ended (aborted, or stopped by the token of the step before) while this step ran;
+        what the step computed for it is dropped.
+        """
         now = time.monotonic()
         changed = []
         for chunk in output.chunks:
             request = chunk.request
-            if request.is_finished:  # aborted while the step ran
+            if request.is_finished:
                 continue
-            request.num_computed_tokens += chunk.num_new_tokens
+            token = sampled.get(request.request_id) if chunk.samples else None
+            if token is not None:
+                request.append_output(token, now)
+            # Blocks whose tokens are all known and computed may now serve other requests' prefixes.
             self.kv_cache.cache_computed_blocks(request.request_id, request.token_ids, request.num_computed_tokens)
-            token = sampled.get(request.request_id)
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt yet
-            request.append_output(token, now)
             self._check_stop(request, token, now)
             changed.append(request)
         return changed
 
     def _check_stop(self, request: Request, token: int, now: float) -> None:
         params = request.sampling_params
-        num_output = len(request.output_token_ids)
+        num_output = len(request.output_token_ids)  # the step that sampled `token` is done: nothing pending
         if num_output >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
                 self.finish(request, "stop", now, stop_reason=token)

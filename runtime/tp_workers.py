@@ -75,6 +75,7 @@ class WorkerGroup:
         self.failure: str | None = None  # set by the watchdog when a worker died
         self._in_step = False
         self._closing = threading.Event()
+        self._closing_lock = threading.Lock()
         self.timeout_s = timeout_s
         if torchrun_rank() is not None:  # torchrun started the other ranks (any node): no processes of ours
             self.devices = [torchrun_device(device)]
@@ -158,9 +159,12 @@ class WorkerGroup:
             dead = self._dead_pids()
             if not dead:
                 continue
-            self.failure = f"{self.kind} worker process(es) {dead} stopped; the run cannot go on"
-            logger.error("%s", self.failure)
-            threading.Thread(target=abort_collectives, daemon=True).start()
+            with self._closing_lock:
+                if self._closing.is_set():
+                    return  # the workers exit because shutdown told them to: nothing to abort
+                self.failure = f"{self.kind} worker process(es) {dead} stopped; the run cannot go on"
+                logger.error("%s", self.failure)
+                threading.Thread(target=abort_collectives, daemon=True).start()
             # The abort ends the NCCL kernels rank 0 waits on; if a step is still stuck after the timeout,
             # exiting with the message beats hanging forever.
             if not self._closing.wait(self.timeout_s) and self._in_step:
@@ -170,9 +174,10 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Stop the workers and leave the process group (once; later calls do nothing)."""
-        if self._closing.is_set():
-            return
-        self._closing.set()
+        with self._closing_lock:  # the watchdog must not take the workers' exit for a death
+            if self._closing.is_set():
+                return
+            self._closing.set()
         atexit.unregister(self.shutdown)
         healthy = self._workers_alive() and not self.failure
         try:

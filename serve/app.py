@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.core.errors import KilnError
 from kiln.core.version import __version__
-from kiln.runtime.outputs import RequestOutput
+from kiln.runtime.outputs import RequestOutput, RequestOutputKind
 from kiln.serve.async_engine import AsyncEngine, EngineStats
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -229,6 +229,8 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
     ) -> Any:  # fmt: skip
         tokenizer = engine.engine.tokenizer
         request_id = new_id("chatcmpl" if chat else "cmpl")
+        if not body.stream:  # only the final output is read: no per-step copies cross to this thread
+            params = replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
         streams = [engine.generate(prompt, params) for prompt in prompts]
         model = settings.served_model_name
         if body.stream:

@@ -18,11 +18,12 @@ from kiln.runtime.tp_workers import TensorParallelError
 PROMPTS = [[1, 5, 9, 77, 3, 250, 6], [1, 200, 31], list(range(40, 71))]
 
 
-@pytest.mark.parametrize("tp_size", [2, 4])
-def test_tp_greedy_tokens_and_prompt_logprobs_equal_one_rank(serve_checkpoint: Path, tp_size: int) -> None:
+@pytest.mark.parametrize("tp_size,overlap", [(2, False), (4, False), (2, True)], ids=["tp2", "tp4", "tp2-async"])
+def test_tp_greedy_tokens_and_prompt_logprobs_equal_one_rank(serve_checkpoint: Path, tp_size: int, overlap: bool):
+    # With async scheduling the workers take the previous step's tokens from rank 0 by broadcast.
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, prompt_logprobs=2, logprobs=1)
     expected = LLM(str(serve_checkpoint), device="cpu", num_kv_blocks=64).generate(PROMPTS, params)
-    llm = LLM(str(serve_checkpoint), device="cpu", num_kv_blocks=64, tp_size=tp_size)
+    llm = LLM(str(serve_checkpoint), device="cpu", num_kv_blocks=64, tp_size=tp_size, async_scheduling=overlap)
     try:
         got = llm.generate(PROMPTS, params)
     finally:
