@@ -4,12 +4,8 @@
 #   bash scripts/gpu_tp_check.sh [quants...]   (default: bf16)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/kiln-tp}
-mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the machine's rule: no multicast
-pkg=$(mktemp -d)
-ln -s "$PWD" "$pkg/kiln"
-export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out=/tmp/kiln-tp
+source scripts/device_env.sh
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi topo -m >"$out/topology.txt" 2>&1
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -rs tests/runtime/test_tensor_parallel_gpu.py \

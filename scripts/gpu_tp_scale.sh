@@ -6,12 +6,8 @@
 set -uo pipefail
 tp=${TP:-4}
 cd "$(dirname "$0")/.."
-out=${OUT:-/tmp/kiln-tp-scale}
-mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the machine's rule: no multicast
-pkg=$(mktemp -d)
-ln -s "$PWD" "$pkg/kiln"
-export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out=/tmp/kiln-tp-scale
+source scripts/device_env.sh
 nvidia-smi topo -m >"$out/topology.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())" | tee "$out/versions.txt"

@@ -26,32 +26,39 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=100)
+    parser.add_argument("--output-kind", default="delta", choices=["cumulative", "delta", "final_only"],
+                        help="what each step's outputs carry (kiln bench uses delta)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="print the cProfile top functions too")
     args = parser.parse_args()
 
     from kiln.runtime.engine import LLMEngine
     from kiln.runtime.engine_config import EngineConfig
     from kiln.runtime.model_dir import resolve_model_source
-    from kiln.runtime.model_runner import RunnerOutput
+    from kiln.runtime.model_runner import LaunchedStep, RunnerOutput
+    from kiln.runtime.outputs import RequestOutputKind
     from kiln.runtime.sampling_params import SamplingParams
 
     model_dir = resolve_model_source(args.model)
     blocks = args.batch_size * (-(-(args.prompt_len + args.output_len) // 16)) + 1
     engine = LLMEngine(model_dir, EngineConfig(device="cpu", num_kv_blocks=blocks, max_batch_size=args.batch_size))
-    params = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=True)
+    kind = RequestOutputKind(args.output_kind)
+    params = SamplingParams(max_tokens=args.output_len, temperature=1.0, ignore_eos=True, output_kind=kind)
     rng = random.Random(0)
     for _ in range(args.batch_size):
         engine.add_request([rng.randrange(1, 5000) for _ in range(args.prompt_len)], params)
     engine.step()  # the prompts, with the real forward
 
-    def sample_a_fixed_token(scheduled) -> RunnerOutput:
+    def launch_nothing(scheduled) -> LaunchedStep:
+        return LaunchedStep(scheduled, [], {})
+
+    def sample_a_fixed_token(launched: LaunchedStep) -> RunnerOutput:
         output = RunnerOutput()
-        for chunk in scheduled.chunks:
+        for chunk in launched.scheduled.chunks:
             if chunk.samples:
                 output.sampled[chunk.request.request_id] = 1000 + len(chunk.request.output_token_ids) % 500
         return output
 
-    engine.runner.execute = sample_a_fixed_token
+    engine.runner.launch, engine.runner.finish = launch_nothing, sample_a_fixed_token
     profiler = cProfile.Profile() if args.profile else None
     steps, started = 0, time.perf_counter()
     if profiler:
