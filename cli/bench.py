@@ -30,6 +30,11 @@ MODEL_HELP = "Engine, checkpoint, HF dir, builtin:NAME (or a config.json with --
 DUMMY_QUANT = typer.Option(None, "--dummy-quantization", help="fp8 (W8A8, fp8 KV) or int4-awq dummy weights.")
 TP_SIZE = typer.Option(None, "--tp-size", help="Tensor-parallel ranks, one process per GPU (gloo on the CPU).")
 PP_SIZE = typer.Option(None, "--pp-size", help="Pipeline stages, one process each (CPU for now).")
+ASYNC_SCHEDULING = typer.Option(
+    None,
+    "--async-scheduling/--no-async-scheduling",
+    help="Overlap step N+1's host work with step N [default: on with CUDA].",
+)
 PRESET = typer.Option(None, "--preset", help="Architecture for --dummy-weights: llama-3-8b, llama-3-70b, ...")
 
 
@@ -161,6 +166,7 @@ def throughput_command(
     kv_cache_dtype: str | None = typer.Option(None, "--kv-cache-dtype"),
     tp_size: int | None = TP_SIZE,
     pp_size: int | None = PP_SIZE,
+    async_scheduling: bool | None = ASYNC_SCHEDULING,
     output: Path | None = OUTPUT,
     force: bool = FORCE,
     as_json: bool = AS_JSON,
@@ -177,6 +183,7 @@ def throughput_command(
         kv_cache_dtype=kv_cache_dtype,
         tp_size=tp_size,
         pp_size=pp_size,
+        async_scheduling=async_scheduling,
     )
     options = {"workload": _workload(num_requests, input_len, output_len, len_std, dataset, seed), "engine": engine}
     _offline(
@@ -216,6 +223,7 @@ def latency_command(
     kv_cache_dtype: str | None = typer.Option(None, "--kv-cache-dtype"),
     tp_size: int | None = TP_SIZE,
     pp_size: int | None = PP_SIZE,
+    async_scheduling: bool | None = ASYNC_SCHEDULING,
     output: Path | None = OUTPUT,
     force: bool = FORCE,
     as_json: bool = AS_JSON,
@@ -228,6 +236,7 @@ def latency_command(
         kv_cache_dtype=kv_cache_dtype,
         tp_size=tp_size,
         pp_size=pp_size,
+        async_scheduling=async_scheduling,
     )
     options = {"workload": _workload(num_requests, input_len, output_len, 0.0, None, seed), "engine": engine}
     _offline(

@@ -54,6 +54,11 @@ def run_command(
         help="Pipeline stages, layers split across processes, --tp-size ranks in each (CPU for now) "
         "[default: the engine's, else 1].",
     ),
+    async_scheduling: bool | None = typer.Option(
+        None,
+        "--async-scheduling/--no-async-scheduling",
+        help="Overlap step N+1's host work with step N [default: on with CUDA].",
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write one JSON line per prompt here."),
     as_json: bool = typer.Option(False, "--json", help="Print all results as one JSON document on stdout."),
 ) -> None:
@@ -94,6 +99,7 @@ def run_command(
             enable_cuda_graphs=cuda_graphs,
             tp_size=tp_size,
             pp_size=pp_size,
+            async_scheduling=async_scheduling,
         )
     load_seconds = time.perf_counter() - start
     token_prompts = [_encode(llm, item, chat) for item in items]

@@ -26,6 +26,7 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "enable_cuda_graphs": True,
     "tp_size": None,  # the engine's, else 1
     "pp_size": None,  # the engine's, else 1
+    "async_scheduling": None,  # on with CUDA
 }
 
 
@@ -52,6 +53,11 @@ def serve_command(
     tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks, one process per GPU."),
     pp_size: int | None = typer.Option(
         None, "--pp-size", help="Pipeline stages (CPU for now) [default: the engine's, else 1]."
+    ),
+    async_scheduling: bool | None = typer.Option(
+        None,
+        "--async-scheduling/--no-async-scheduling",
+        help="Overlap step N+1's host work with step N [default: on with CUDA].",
     ),
     dummy_weights: bool = typer.Option(False, "--dummy-weights", help="Random weights (MODEL: a config.json)."),
     preset: str | None = typer.Option(None, "--preset", help="Architecture for --dummy-weights, e.g. llama-3-8b."),

@@ -155,3 +155,37 @@ def test_tensor_parallel_server_answers_and_stops_cleanly(serve_checkpoint) -> N
         assert reply.json()["choices"][0]["text"] == expected.text
     finally:
         assert stop_server(live) == 0
+
+
+def test_async_scheduling_server_streams_aborts_and_answers_as_one_step_at_a_time(serve_checkpoint) -> None:
+    # What a GPU server runs by default, here on the CPU: steps launched before the last one is read back.
+    live = start_server(serve_checkpoint, "--async-scheduling", "--max-batch-size", "8")
+    try:
+        results: dict[int, list[dict]] = {}
+
+        def client(i: int) -> None:
+            body = {"model": MODEL_NAME, "prompt": f"client {i}", "max_tokens": 20, "ignore_eos": True, "seed": i}
+            results[i] = stream_request(live, body, read_chunks=2 if i % 3 == 0 else None)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        for i, events in results.items():
+            if i % 3:  # stayed to the end
+                assert events[-1] == {"done": True} and events[-2]["choices"][0]["finish_reason"] == "length", i
+        body = {**OK_COMPLETION, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "n": 2}
+        reply = live.post(COMPLETIONS, body)
+        from kiln import LLM, SamplingParams
+
+        waiting = LLM(str(serve_checkpoint), device="cpu", num_kv_blocks=64)
+        (expected,) = waiting.generate(["hello"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        assert reply.status == 200 and [c["text"] for c in reply.json()["choices"]] == [expected.text] * 2
+        for _ in range(50):  # the engine thread frees what the clients that left held
+            if metric(live, "kiln_kv_cache_blocks_in_use") == 0 and metric(live, "kiln_num_requests_running") == 0:
+                break
+            threading.Event().wait(0.1)
+        assert metric(live, "kiln_kv_cache_blocks_in_use") == 0
+    finally:
+        assert stop_server(live) == 0
