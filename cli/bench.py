@@ -29,7 +29,7 @@ DUMMY = typer.Option(False, "--dummy-weights", help="Random weights made on the 
 MODEL_HELP = "Engine, checkpoint, HF dir, builtin:NAME (or a config.json with --dummy-weights)."
 DUMMY_QUANT = typer.Option(None, "--dummy-quantization", help="fp8 (W8A8, fp8 KV) or int4-awq dummy weights.")
 TP_SIZE = typer.Option(None, "--tp-size", help="Tensor-parallel ranks, one process per GPU (gloo on the CPU).")
-PP_SIZE = typer.Option(None, "--pp-size", help="Pipeline stages, one process each (CPU for now).")
+PP_SIZE = typer.Option(None, "--pp-size", help="Pipeline stages, --tp-size processes each.")
 ASYNC_SCHEDULING = typer.Option(
     None,
     "--async-scheduling/--no-async-scheduling",

@@ -51,8 +51,7 @@ def run_command(
     pp_size: int | None = typer.Option(
         None,
         "--pp-size",
-        help="Pipeline stages, layers split across processes, --tp-size ranks in each (CPU for now) "
-        "[default: the engine's, else 1].",
+        help="Pipeline stages, layers split across processes, --tp-size ranks in each [default: the engine's, else 1].",
     ),
     async_scheduling: bool | None = typer.Option(
         None,

@@ -51,9 +51,7 @@ def serve_command(
     attention_backend: str | None = typer.Option(None, "--attention-backend", help="auto|torch|triton."),
     enable_cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs/--no-cuda-graphs"),
     tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks, one process per GPU."),
-    pp_size: int | None = typer.Option(
-        None, "--pp-size", help="Pipeline stages (CPU for now) [default: the engine's, else 1]."
-    ),
+    pp_size: int | None = typer.Option(None, "--pp-size", help="Pipeline stages [default: the engine's, else 1]."),
     async_scheduling: bool | None = typer.Option(
         None,
         "--async-scheduling/--no-async-scheduling",

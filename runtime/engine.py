@@ -110,7 +110,8 @@ class LLMEngine:
                 CacheSpec(self.limits.num_kv_blocks, config.block_size, self.kv_cache_dtype, backend.name)
             )
             self.runner.broadcast = workers.broadcast
-        if config.enable_cuda_graphs and backend.name == "triton":
+        # Pipeline stages run eagerly: a graph would have to hold one stage's part and its sends and receives.
+        if config.enable_cuda_graphs and backend.name == "triton" and config.pp_size == 1:
             self.runner.decode_graphs = self._capture_decode_graphs(device)
         self.scheduler = Scheduler(self.kv_cache, self.limits.max_batch_size, self.limits.max_num_tokens)
         self.groups: dict[str, RequestGroup] = {}

@@ -35,7 +35,7 @@ class EngineConfig:
     seed: int = 0  # seeds the requests that bring none, so whole runs reproduce
     dummy_weights: bool = False  # random weights made on the device (benchmarks without checkpoints)
     tp_size: int | None = None  # tensor-parallel ranks (a process per GPU, or gloo on the CPU); None = engine's, else 1
-    # pipeline stages (CPU for now), each of tp_size processes; None = the engine's, else 1
+    # pipeline stages, each of tp_size processes (GPUs: eager, no CUDA graphs); None = the engine's, else 1
     pp_size: int | None = None
     tp_timeout_s: float = 60.0  # a rank (or pipeline stage) silent this long ends the run with an error
     # Schedule and launch step N+1 while the GPU runs step N (None = on for one CUDA process, unless the

@@ -84,12 +84,23 @@ def measure_activation_peak(model: nn.Module, max_num_tokens: int, max_batch_siz
     before = torch.cuda.memory_allocated(device)
     input_ids = torch.zeros(sum(lengths), dtype=torch.long, device=device)
     positions = torch.arange(seq_len, device=device).repeat(num_seqs)
-    hidden = model(input_ids, positions, AttentionMetadata.for_prefill(lengths, device))
-    last_rows = torch.arange(seq_len - 1, sum(lengths), seq_len, device=device)[:max_batch_size]
-    model.compute_logits(hidden[last_rows])
+    stage = pipeline_stage()
+    incoming = None  # a later pipeline stage starts from the previous one's hidden states and residual
+    if not stage.is_first:
+        dtype = next(model.parameters()).dtype
+        incoming = torch.zeros(2, sum(lengths), model.config.hidden_size, dtype=dtype, device=device)
+    hidden, _ = model.forward_stage(
+        input_ids if stage.is_first else None,
+        positions,
+        AttentionMetadata.for_prefill(lengths, device),
+        *(incoming if incoming is not None else ()),
+    )
+    if stage.is_last:  # only the last stage computes logits
+        last_rows = torch.arange(seq_len - 1, sum(lengths), seq_len, device=device)[:max_batch_size]
+        model.compute_logits(hidden[last_rows])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
-    del hidden
+    del hidden, incoming
     torch.cuda.empty_cache()
     return peak
 

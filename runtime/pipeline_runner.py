@@ -6,8 +6,10 @@ result on to stage s+1 without waiting for it to arrive (isend), so it can start
 while stage s+1 works on k: with M stages, up to M micro-batches are in flight. The last stage applies
 the final norm, computes the logits of the rows the step asks for and sends them to rank 0 (stage 0),
 which samples as it does without pipeline parallelism. Every message has a fixed shape both sides
-derive from the step, and a tag (the micro-batch's index), so no sizes travel and nothing is mismatched.
-Every wait is bounded by the process group's timeout: a stage that died or hangs ends the step with an error.
+derive from the step, and a tag (the micro-batch's index; NCCL ignores tags but keeps each pair of
+ranks' messages in order), so no sizes travel and nothing is mismatched. On GPUs the messages go
+device to device over NCCL and the waits order streams, not the host. Every wait is bounded by the
+process group's timeout: a stage that died or hangs ends the step with an error.
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ class PipelineRunner(ModelRunner):
         """Run this stage over the step's micro-batches; rank 0 returns the logits groups, other stages []."""
         stage = pipeline_stage()
         micro_batches = split_micro_batches(step, stage.size)
-        logits = self._post_logit_receives(micro_batches) if stage.receives_logits else []
-        sends = [self._run_micro_batch(k, micro_batch) for k, micro_batch in enumerate(micro_batches)]
+        sends, logits = [], []
+        for k, micro_batch in enumerate(micro_batches):
+            sends.append(self._run_micro_batch(k, micro_batch))
+            if stage.receives_logits and micro_batch.num_logit_rows:
+                # Posted after micro-batch k went out: NCCL runs one pair of ranks' sends and receives in
+                # the order they were posted, so with two stages a receive posted first would block the send.
+                logits.append(self._receive_logits(k, micro_batch))
         with _peers_answering():
             for _, work in sends + logits:  # `sends` keeps each tensor referenced until its send completed
                 if work is not None:
@@ -43,17 +50,14 @@ class PipelineRunner(ModelRunner):
         received = [tensor for tensor, _ in logits]
         return gather_logit_groups(step, torch.cat(received)) if received else []
 
-    def _post_logit_receives(self, micro_batches: list[MicroBatch]) -> list[tuple[torch.Tensor, dist.Work]]:
-        """Rank 0: receives for the last stage's fp32 logits [rows, vocab] of each micro-batch, posted up front."""
+    def _receive_logits(self, k: int, micro_batch: MicroBatch) -> tuple[torch.Tensor, dist.Work]:
+        """Rank 0: a receive for the last stage's fp32 logits [rows, vocab] of micro-batch k."""
         stage = pipeline_stage()
         last = stage.global_rank(stage.size - 1)  # the last stage's first TP rank
-        receives = []
-        for k, micro_batch in enumerate(micro_batches):
-            if micro_batch.num_logit_rows:
-                buffer = torch.empty(micro_batch.num_logit_rows, self.config.vocab_size, dtype=torch.float32)
-                with _peers_answering():
-                    receives.append((buffer, dist.irecv(buffer, src=last, tag=k)))
-        return receives
+        rows, vocab = micro_batch.num_logit_rows, self.config.vocab_size
+        buffer = torch.empty(rows, vocab, dtype=torch.float32, device=self.device)
+        with _peers_answering():
+            return buffer, dist.irecv(buffer, src=last, tag=k)
 
     def _run_micro_batch(self, k: int, micro_batch: MicroBatch) -> tuple[torch.Tensor | None, dist.Work | None]:
         """Receive (unless first), run this stage's layers, start the send onward; returns what is being sent."""
@@ -63,7 +67,9 @@ class PipelineRunner(ModelRunner):
         hidden, residual = None, None
         if not stage.is_first:
             # [2, num_tokens, hidden]: the previous stage's hidden states and residual stream, stacked
-            received = torch.empty(2, micro_batch.num_tokens, self.config.hidden_size, dtype=self.dtype)
+            received = torch.empty(
+                2, micro_batch.num_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
+            )
             with _peers_answering():
                 dist.irecv(received, src=stage.global_rank(stage.rank - 1), tag=k).wait()
             hidden, residual = received[0], received[1]

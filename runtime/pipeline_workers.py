@@ -6,7 +6,8 @@ stage runs the step; here each stage builds and loads only its decoder layers, a
 them alone (with rank 0's block ids) and runs its part of every micro-batch (runtime/pipeline_runner.py).
 With --tp-size N too, each stage is N tensor-parallel ranks (global rank = stage x N + TP rank): the
 layers' collectives run in the stage's own group, and hidden states go from each TP rank to the same
-TP rank of the next stage. CPU only for now (gloo).
+TP rank of the next stage. On GPUs the stages talk over NCCL (one GPU per rank) and run eagerly (no
+CUDA graphs yet); on the CPU over gloo.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from kiln.core.errors import KilnError, UserInputError
+from kiln.core.errors import KilnError
 from kiln.core.hf_checkpoint import read_config_json
 from kiln.models.config import ModelConfig
 from kiln.models.parallel import set_tensor_parallel
@@ -66,9 +67,5 @@ class StageGroup(WorkerGroup):
 
 
 def check_pipeline_options(model_dir: Path, pp_size: int, tp_size: int, device: torch.device) -> None:
-    """Refuse what pipeline parallelism cannot run yet, before any stage process starts."""
-    if device.type != "cpu":
-        raise UserInputError(
-            "pipeline parallelism runs on the CPU (gloo) for now; GPUs (NCCL) are next: use --device cpu or pp_size=1"
-        )
+    """Refuse what pipeline parallelism cannot run, before any stage process starts."""
     stage_layers(ModelConfig.from_hf_config(read_config_json(model_dir)).num_layers, 0, pp_size)  # pp <= layers

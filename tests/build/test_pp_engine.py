@@ -47,6 +47,6 @@ def test_the_plan_table_names_the_stage_and_gpu_targets_are_refused(serve_checkp
     assert code == 0 and "stage 0 of 2" in out
     gpu = ("--pp-size", "2", "--target-gpu", "h100-80gb")
     code, _, err = invoke(capsys, "build", str(serve_checkpoint), "--dry-run", *gpu)
-    assert code == 2 and "pipeline stages run on the CPU only for now" in err
+    assert code == 2 and "plans pipeline stages for CPU targets only" in err
     code, _, err = invoke(capsys, "build", str(serve_checkpoint), "--dry-run", "--pp-size", "3", "--target-gpu", "cpu")
     assert code == 2 and "exceeds the model's 2 decoder layers" in err

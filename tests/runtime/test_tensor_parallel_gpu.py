@@ -1,4 +1,4 @@
-"""Tensor parallelism on GPUs (NCCL, a process per GPU): same tokens as one GPU, graphs on, a dead rank is an error."""
+"""TP and PP on GPUs (NCCL, a process per GPU): same tokens as one GPU; a dead rank is an error."""
 
 from __future__ import annotations
 
@@ -58,11 +58,11 @@ def _one_gpu_outputs(model: Path, prompts, params: SamplingParams, options: dict
     return outputs
 
 
-def _tp_outputs(model: Path, prompts, params: SamplingParams, options: dict, tp_size: int):
-    llm = LLM(str(model), tp_size=tp_size, **options)
+def _tp_outputs(model: Path, prompts, params: SamplingParams, options: dict, tp_size: int, pp_size: int = 1):
+    llm = LLM(str(model), tp_size=tp_size, pp_size=pp_size, **options)
     try:
         outputs = llm.generate(prompts, params)
-        if options["dtype"] != "fp32":  # the Triton kernels (and so the graphs) run half precision
+        if options["dtype"] != "fp32" and pp_size == 1:  # the Triton kernels (and so the graphs) run half precision
             graphs = llm.engine.runner.decode_graphs
             assert llm.engine.limits.attention_backend == "triton"
             assert graphs is not None and graphs.num_replays > 0  # decode steps replayed graphs holding all-reduces
@@ -96,6 +96,29 @@ def test_gpu_tp_fp32_tokens_and_prompt_logprobs_equal_one_gpu(sharp_model: Path,
     for ours, theirs in zip(got, expected):
         for a, b in zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
             assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a)
+
+
+@_needs_gpus(2)
+def test_gpu_pp2_fp32_tokens_and_prompt_logprobs_equal_one_gpu(sharp_model: Path) -> None:
+    # Two stages, one layer each: hidden states and logits travel GPU to GPU over NCCL, micro-batches overlap.
+    prompts = _random_prompts()
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    options = {"device": "cuda", "dtype": "fp32", "max_batch_size": 16}
+    expected = _one_gpu_outputs(sharp_model, prompts, params, options)
+    got = _tp_outputs(sharp_model, prompts, params, options, tp_size=1, pp_size=2)
+    assert _token_agreement([r.token_ids for r in got], [r.token_ids for r in expected]) >= 0.99
+    for ours, theirs in zip(got, expected):
+        for a, b in zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
+            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a)
+
+
+@_needs_gpus(4)
+def test_gpu_tp2_pp2_bf16_greedy_tokens_agree_with_one_gpu(counting_model: Path) -> None:
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    options = {"device": "cuda", "dtype": "bf16", "max_batch_size": 32}
+    expected = _one_gpu_outputs(counting_model, _counting_prompts(), params, options)
+    got = _tp_outputs(counting_model, _counting_prompts(), params, options, tp_size=2, pp_size=2)
+    assert _token_agreement([r.token_ids for r in got], [r.token_ids for r in expected]) >= 0.99
 
 
 _KILL_MID_RUN = """
