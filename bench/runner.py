@@ -35,6 +35,9 @@ class RunResult:
     model_dir: Path | None
     summaries: dict[str, BenchSummary] = field(default_factory=dict)
     traces: dict[str, list[RequestTrace]] = field(default_factory=dict)
+    # What kiln's engine resolved (batch sizes, KV blocks, backend, graphs, async scheduling): a report
+    # says what ran, also where an option was left to its default or the environment changed it.
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 def make_workload(spec: WorkloadSpec, vocab_size: int, tokenizer: Any) -> Workload:
@@ -78,6 +81,7 @@ def run_offline(
     workload = make_workload(workload_spec, engine.model_config.vocab_size, engine.tokenizer)
     requests = list(workload.requests)
     result = RunResult(workload, None if dummy_preset else model_dir)
+    result.engine = {**dataclasses.asdict(engine.limits), "async_scheduling": engine.async_scheduling}
     if warmup:  # compiles kernels and fills allocator pools; not measured
         run_throughput(engine, requests[:warmup], ignore_eos)
     if mode == "throughput":

@@ -138,6 +138,7 @@ def _offline(mode: str, model: str, options: dict[str, Any], output, force, as_j
         if bar is not None:
             bar.stop()
     record = {**run_args, **{k: v for k, v in vars(spec).items()}, **options["engine"], "model": model}
+    record["engine_resolved"] = result.engine
     record["dataset"] = str(spec.dataset) if spec.dataset else None
     _finish(mode, result, record, output, force, as_json)
 

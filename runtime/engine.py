@@ -209,6 +209,11 @@ class LLMEngine:
         return Request(sample_id, list(prompt_token_ids), params, self.eos_token_ids, seed)
 
     @property
+    def async_scheduling(self) -> bool:
+        """Whether steps are launched before the previous one is read back (see the module docstring)."""
+        return self._async_scheduling
+
+    @property
     def has_unfinished(self) -> bool:
         """Whether any request is still waiting or running, or a step's results are still to be read."""
         return self.scheduler.has_unfinished or self._in_flight is not None

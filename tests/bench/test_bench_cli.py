@@ -39,6 +39,8 @@ def test_throughput_with_hf_baseline_writes_a_valid_report(tiny_checkpoint: Path
 
     m = load_artifact(out).manifest
     assert m.spec["command"][:3] == ["kiln", "bench", "throughput"] and m.spec["options"]["seed"] == 7
+    resolved = m.spec["options"]["engine_resolved"]  # what ran, defaults included
+    assert resolved["device"] == "cpu" and resolved["async_scheduling"] is False and resolved["num_kv_blocks"] > 1
     assert m.extra["environment"]["torch"] and "gpu_count" in m.extra["environment"]
     assert m.parent.digest == load_artifact(tiny_checkpoint).digest
     assert (out / "latency.png").stat().st_size > 1000
