@@ -82,11 +82,6 @@ def make_plan(spec: BuildSpec) -> BuildPlan:
         raise UserInputError(f"--kv-cache-dtype must be one of {choices}, got {spec.kv_cache_dtype!r}")
     if spec.kv_block_size < 1 or spec.kv_block_size & (spec.kv_block_size - 1):
         raise UserInputError(f"--kv-block-size must be a power of two, got {spec.kv_block_size}")
-    if spec.pp_size > 1 and not target.is_cpu:
-        raise UserInputError(
-            "kiln build plans pipeline stages for CPU targets only for now: build for the GPU without --pp-size "
-            "and run the engine with --pp-size (each stage then sizes its own KV cache)"
-        )
     if not 0 < spec.kv_cache_memory_fraction <= 1:
         raise UserInputError(f"--kv-cache-memory-fraction must be in (0, 1], got {spec.kv_cache_memory_fraction}")
     dtype = canonical_dtype_name(config.torch_dtype or "fp32")

@@ -50,7 +50,7 @@ def build_command(
     ),
     tp_size: int | None = typer.Option(None, "--tp-size", help="Tensor-parallel ranks [default: 1]."),
     pp_size: int | None = typer.Option(
-        None, "--pp-size", help="Pipeline stages the engine runs with by default (CPU targets) [default: 1]."
+        None, "--pp-size", help="Pipeline stages the engine runs with by default [default: 1]."
     ),
     target_gpu: str | None = typer.Option(None, "--target-gpu", help="auto|h100-80gb|h200|a100-80gb|l40s|cpu|..."),
     cuda_graph_batch_sizes: str | None = typer.Option(

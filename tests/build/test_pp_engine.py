@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,16 @@ def test_the_engine_records_its_stages_and_runs_with_them_by_default(pp_engine: 
     assert [r.token_ids for r in single.generate(PROMPTS, params)] == [r.token_ids for r in expected]
 
 
-def test_the_plan_table_names_the_stage_and_gpu_targets_are_refused(serve_checkpoint: Path, capsys) -> None:
+def test_the_plan_table_names_the_stage_for_cpu_and_gpu_targets(serve_checkpoint: Path, capsys) -> None:
     code, out, _ = invoke(capsys, "build", str(serve_checkpoint), "--dry-run", *BUILD_ARGS)
     assert code == 0 and "stage 0 of 2" in out
-    gpu = ("--pp-size", "2", "--target-gpu", "h100-80gb")
-    code, _, err = invoke(capsys, "build", str(serve_checkpoint), "--dry-run", *gpu)
-    assert code == 2 and "plans pipeline stages for CPU targets only" in err
+    plans = {}
+    for pp_size in ("1", "2"):
+        gpu = ("--pp-size", pp_size, "--target-gpu", "h100-80gb", "--max-seq-len", "96", "--json")
+        code, out, err = invoke(capsys, "build", str(serve_checkpoint), "--dry-run", *gpu)
+        assert code == 0, err
+        plans[pp_size] = json.loads(out)["plan"]
+    # A stage holds one of the two layers: its KV cache per token is half, so more blocks fit.
+    assert plans["2"]["num_kv_blocks"] > plans["1"]["num_kv_blocks"] and plans["2"]["stage"] in (0, 1)
     code, _, err = invoke(capsys, "build", str(serve_checkpoint), "--dry-run", "--pp-size", "3", "--target-gpu", "cpu")
     assert code == 2 and "exceeds the model's 2 decoder layers" in err
