@@ -8,6 +8,7 @@ stopped, penalised requests falling back to waiting, aborts while a step is in f
 from pathlib import Path
 
 import pytest
+import torch
 from engine_workloads import MAX_TOKENS, hf_greedy, prompts, run_staggered, run_to_completion
 from tiny_models import save_tiny_model
 
@@ -130,3 +131,33 @@ def test_stop_strings_cut_the_same_text(tiny_llama_dir: Path) -> None:
     assert expected.outputs[0].finish_reason == "stop" and expected.text == free_run.text[: len(expected.text)]
     assert (got.text, got.token_ids, got.outputs[0].stop_reason) == (expected.text, expected.token_ids, stop)
     assert overlapped.kv_cache.num_free_blocks == 255
+
+
+@pytest.mark.gpu
+def test_launching_a_step_on_cuda_never_waits_for_the_device(model_dir: Path) -> None:
+    # Issue 8's rule for the step loop: the host queues step N+1 while step N runs, so nothing in a launch
+    # may read a device value back (graph replays, pending tokens from the device, sampling, seeded draws).
+    config = EngineConfig(dtype="fp16", device="cuda", num_kv_blocks=64, max_batch_size=8, max_seq_len=96,
+                          attention_backend="triton")  # fmt: skip
+    engine = LLMEngine(model_dir, config)
+    assert engine.async_scheduling and engine.limits.cuda_graph_batch_sizes
+    launch = engine.runner.launch
+    num_launches = [0]
+
+    def launch_without_syncs(scheduled):
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in the launch raises
+        try:
+            return launch(scheduled)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            num_launches[0] += 1
+
+    engine.runner.launch = launch_without_syncs
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=3, max_tokens=16, logprobs=2, min_tokens=4),
+        SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True),
+    ]
+    got = run_all(engine, [(prompts()[i], p) for i, p in enumerate(params)])
+    assert num_launches[0] > 10 and engine.runner.decode_graphs.num_replays > 0
+    assert [len(c.token_ids) for c in got["0"].outputs] == [12] and len(got["2"].outputs) == 2
