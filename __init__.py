@@ -8,7 +8,7 @@ from typing import Any
 
 from kiln.core.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "RequestOutputKind", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> Any:
         from kiln.runtime.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "RequestOutputKind":
+        from kiln.runtime.outputs import RequestOutputKind
+
+        return RequestOutputKind
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")

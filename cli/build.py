@@ -113,7 +113,7 @@ def plan_table(plan: Any) -> Table:
         (f"KV cache ({request.kv_cache_dtype})", f"{memory.kv_budget_bytes / gib:.2f} GiB"),
         ("KV bytes per token", f"{memory.kv_bytes_per_token:,}"),
         (f"KV blocks of {request.block_size} tokens", f"{memory.num_kv_blocks - 1:,}"),
-        (f"max concurrency at max_seq_len {request.max_seq_len}", f"{memory.max_concurrency:g}"),
+        (f"max concurrency at max_seq_len {request.max_seq_len}", f"{memory.max_concurrency:,.2f}"),
         ("max batch size / tokens per step", f"{request.max_batch_size} / {request.max_num_tokens}"),
     ]
     for item, value in rows:

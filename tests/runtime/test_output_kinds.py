@@ -6,6 +6,7 @@ import pytest
 from engine_workloads import prompts
 
 from kiln import LLM
+from kiln import RequestOutputKind as TopLevelKind
 from kiln.core.errors import UserInputError
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.engine_config import EngineConfig
@@ -72,5 +73,6 @@ def test_generate_returns_whole_outputs_whatever_kind_was_asked(tiny_llama_dir: 
 
 
 def test_a_string_for_output_kind_is_refused() -> None:
+    assert TopLevelKind is RequestOutputKind  # `from kiln import RequestOutputKind` works
     with pytest.raises(UserInputError, match="output_kind must be a RequestOutputKind"):
         SamplingParams(output_kind="delta")  # type: ignore[arg-type]
