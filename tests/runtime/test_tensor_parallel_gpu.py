@@ -87,25 +87,22 @@ def test_gpu_tp_bf16_greedy_tokens_agree_with_one_gpu(counting_model: Path, tp_s
 
 @pytest.mark.parametrize("tp_size", TP_SIZES)
 def test_gpu_tp_fp32_tokens_and_prompt_logprobs_equal_one_gpu(sharp_model: Path, tp_size: int) -> None:
-    prompts = _random_prompts()
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, prompt_logprobs=1)
-    options = {"device": "cuda", "dtype": "fp32", "max_batch_size": 16}  # eager NCCL, PyTorch attention
-    expected = _one_gpu_outputs(sharp_model, prompts, params, options)
-    got = _tp_outputs(sharp_model, prompts, params, options, tp_size)
-    assert _token_agreement([r.token_ids for r in got], [r.token_ids for r in expected]) >= 0.99
-    for ours, theirs in zip(got, expected):
-        for a, b in zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
-            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a)
+    _check_fp32_tokens_and_prompt_logprobs(sharp_model, tp_size=tp_size, pp_size=1)
 
 
 @_needs_gpus(2)
 def test_gpu_pp2_fp32_tokens_and_prompt_logprobs_equal_one_gpu(sharp_model: Path) -> None:
     # Two stages, one layer each: hidden states and logits travel GPU to GPU over NCCL, micro-batches overlap.
+    _check_fp32_tokens_and_prompt_logprobs(sharp_model, tp_size=1, pp_size=2)
+
+
+def _check_fp32_tokens_and_prompt_logprobs(model: Path, tp_size: int, pp_size: int) -> None:
+    """Parallel ranks against one GPU in fp32 (eager NCCL, PyTorch attention): tokens, prompt logprobs to 1e-3."""
     prompts = _random_prompts()
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, prompt_logprobs=1)
     options = {"device": "cuda", "dtype": "fp32", "max_batch_size": 16}
-    expected = _one_gpu_outputs(sharp_model, prompts, params, options)
-    got = _tp_outputs(sharp_model, prompts, params, options, tp_size=1, pp_size=2)
+    expected = _one_gpu_outputs(model, prompts, params, options)
+    got = _tp_outputs(model, prompts, params, options, tp_size=tp_size, pp_size=pp_size)
     assert _token_agreement([r.token_ids for r in got], [r.token_ids for r in expected]) >= 0.99
     for ours, theirs in zip(got, expected):
         for a, b in zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):

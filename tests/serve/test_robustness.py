@@ -86,18 +86,25 @@ def stream_request(server, body: dict, read_chunks: int | None) -> list[dict]:
     return events
 
 
-def test_64_streaming_clients_some_leaving_early(server) -> None:
+def stream_from_clients(server, count: int, max_tokens: int, leave_every: int) -> dict[int, list[dict]]:
+    """`count` clients streaming at once; every `leave_every`-th hangs up after two chunks. Events per client."""
     results: dict[int, list[dict]] = {}
 
     def client(i: int) -> None:
-        body = {"model": MODEL_NAME, "prompt": f"client {i} says", "max_tokens": 24, "ignore_eos": True, "seed": i}
-        results[i] = stream_request(server, body, read_chunks=2 if i % 4 == 0 else None)
+        body = {"model": MODEL_NAME, "prompt": f"client {i} says", "max_tokens": max_tokens, "ignore_eos": True,
+                "seed": i}  # fmt: skip
+        results[i] = stream_request(server, body, read_chunks=2 if i % leave_every == 0 else None)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    return results
+
+
+def test_64_streaming_clients_some_leaving_early(server) -> None:
+    results = stream_from_clients(server, 64, max_tokens=24, leave_every=4)
     assert len(results) == 64
     for i, events in results.items():
         if i % 4:  # stayed: 24 tokens, a finish reason, [DONE]
@@ -161,17 +168,8 @@ def test_async_scheduling_server_streams_aborts_and_answers_as_one_step_at_a_tim
     # What a GPU server runs by default, here on the CPU: steps launched before the last one is read back.
     live = start_server(serve_checkpoint, "--async-scheduling", "--max-batch-size", "8")
     try:
-        results: dict[int, list[dict]] = {}
-
-        def client(i: int) -> None:
-            body = {"model": MODEL_NAME, "prompt": f"client {i}", "max_tokens": 20, "ignore_eos": True, "seed": i}
-            results[i] = stream_request(live, body, read_chunks=2 if i % 3 == 0 else None)
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+        results = stream_from_clients(live, 12, max_tokens=20, leave_every=3)
+        assert len(results) == 12
         for i, events in results.items():
             if i % 3:  # stayed to the end
                 assert events[-1] == {"done": True} and events[-2]["choices"][0]["finish_reason"] == "length", i
