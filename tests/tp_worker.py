@@ -38,5 +38,8 @@ def run_rank(rank: int, world_size: int, init_file: str, model_dir: str, out_fil
         logits = _logits(model)
         if rank == 0:
             torch.save(logits, out_file)
+        # Leave together: a rank that exits while its peer is still closing gloo's pairs has aborted the
+        # peer's process ("terminate called without an active exception"), a flaky failure seen once.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
