@@ -63,9 +63,10 @@ def _tp_outputs(model: Path, prompts, params: SamplingParams, options: dict, tp_
     try:
         outputs = llm.generate(prompts, params)
         if options["dtype"] != "fp32" and pp_size == 1:  # the Triton kernels (and so the graphs) run half precision
-            graphs = llm.engine.runner.decode_graphs
             assert llm.engine.limits.attention_backend == "triton"
-            assert graphs is not None and graphs.num_replays > 0  # decode steps replayed graphs holding all-reduces
+            # Decode steps replayed graphs holding all-reduces. No reference to the graphs may outlive this
+            # line: a captured NCCL kernel keeps the communicator open, and shutdown's destroy would wait.
+            assert llm.engine.runner.decode_graphs.num_replays > 0
     finally:
         llm.engine.shutdown()
     return outputs
