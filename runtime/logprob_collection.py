@@ -5,11 +5,10 @@ from dataclasses import dataclass
 import torch
 
 from kiln.core.host_transfer import to_device
+from kiln.runtime.outputs import TopLogprobs
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import SamplerOutput
 from kiln.runtime.scheduler import ScheduledChunk
-
-TopLogprobs = dict[int, float]  # token id -> logprob
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,12 @@ from kiln.models.parallel import broadcast_from_first_rank, tensor_parallel
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.logprob_collection import prompt_logprob_jobs, prompt_logprobs, sampled_logprobs
+from kiln.runtime.outputs import TopLogprobs
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, suppress_tokens
 from kiln.runtime.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-TopLogprobs = dict[int, float]  # token id -> logprob
 
 
 @dataclass
@@ -157,10 +156,6 @@ class ModelRunner:
             layer.attention_fn = backend.forward
             layer.kv_cache_scales = kv_cache_scales(layer, self.kv_cache_dtype)
         logger.debug("KV cache: %d blocks of %d tokens, attention backend %s", num_blocks, block_size, backend.name)
-
-    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
-        """Run one step and wait for it: forward over the flat batch, then sample."""
-        return self.finish(self.launch(scheduled))
 
     @torch.inference_mode()
     def launch(self, scheduled: SchedulerOutput) -> LaunchedStep:

@@ -2,8 +2,8 @@
 
 Runs `--num-requests` random prompts through the engine with random weights (`--preset`), like
 `kiln bench throughput`, and prints: output tok/s, steps and mean step time; the host functions that
-take the most time (the sampled-token read-back `tolist` is where the host waits for the GPU, so
-everything else is host overhead on the critical path); then the GPU kernels of a window of decode
+take the most time (waiting for the sampled tokens, `Event.synchronize`, is where the host waits for
+the GPU; with async scheduling the rest overlaps the GPU's next step); then the GPU kernels of a window of decode
 steps. Used to decide what issue 8's optimisations target; the numbers that count come from
 `kiln bench`.
 
