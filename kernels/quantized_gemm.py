@@ -2,7 +2,8 @@
 
 FP8 W8A8: the activation is quantized with its static per-tensor `input_scale` (Triton kernel), then
 `torch._scaled_mm` multiplies on FP8 tensor cores (compute capability 8.9+) with a per-tensor weight
-scale, or a per-output-channel one when fused shards were calibrated separately. INT4 W4A16: the
+scale, or a per-output-channel one when fused shards were calibrated separately. A few rows (decode)
+take `triton_fp8_gemv` instead: quantization, product and split-K reduction in one launch. INT4 W4A16: the
 Triton GEMM of `triton_w4a16_gemm`. The references compute in fp32 from the dequantized tensors and are
 the CPU path and the oracle the kernels are tested against.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -27,6 +29,11 @@ def _cuda_capability(device: torch.device) -> tuple[int, int]:
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def _fp8_gemv_enabled() -> bool:
+    """KILN_DISABLE_FP8_GEMV=1 sends small batches to `_scaled_mm` too (A/B benchmarks)."""
+    return os.environ.get("KILN_DISABLE_FP8_GEMV") != "1"
 
 
 def gpu_kernels_available(x: torch.Tensor, needs_fp8: bool) -> bool:
@@ -70,6 +77,10 @@ def fp8_linear(
     """
     if not gpu_kernels_available(x, needs_fp8=True) or weight.shape[1] % 16 or weight.shape[0] % 16:
         return fp8_linear_reference(x, weight, input_scale, channel_scale, bias)
+    from kiln.kernels.triton_fp8_gemv import FP8_GEMV_CONFIG, fp8_gemv
+
+    if 0 < x.shape[0] <= FP8_GEMV_CONFIG["max_rows"] and _fp8_gemv_enabled():
+        return fp8_gemv(x, weight, input_scale, channel_scale, bias)  # decode: one launch, bandwidth-bound
     from kiln.kernels.triton_fp8_quant import quantize_fp8_static
 
     x_q, row_scale = quantize_fp8_static(x, input_scale)

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_w4_dequantize import dequantize_w4, signed_nibbles
+from kiln.kernels.triton_split_k import check_tiles, reduce_split_k, split_k_plan, tile_counters
+from kiln.kernels.triton_w4_dequantize import dequantize_w4, signed_nibbles, signed_nibbles_fp32
 
 
 @triton.jit
@@ -106,20 +107,28 @@ def _w4a16_gemv_kernel(
     w_ptr,
     scales_ptr,
     pre_quant_scale_ptr,
+    bias_ptr,
+    part_ptr,
+    counter_ptr,
     out_ptr,
     N,
     K,
     k_per_split,
+    num_splits,
     stride_xm,
     stride_wn,
     stride_sn,
+    stride_pm,
+    stride_ps,
     stride_om,
-    stride_os,
     NUM_ROWS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_PRE_QUANT_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FLOAT_NIBBLES: tl.constexpr,
 ):
     # A few activation rows (decode): multiply-and-reduce on CUDA cores, with the weight tile kept in
     # the layout it was loaded in (K fastest), so no shared-memory transpose sits between load and use.
@@ -142,22 +151,32 @@ def _w4a16_gemv_kernel(
                 x = x * tl.load(pre_quant_scale_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
             w_mask = pair_mask[:, None] & k_mask[None, :]
             packed = tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0)
-            low, high = signed_nibbles(packed)
+            if FLOAT_NIBBLES:  # bit tricks instead of int-to-float conversions (see signed_nibbles_fp32)
+                low, high = signed_nibbles_fp32(packed)
+            else:
+                low_int, high_int = signed_nibbles(packed)
+                low, high = low_int.to(tl.float32), high_int.to(tl.float32)
             if GROUP_SIZE % BLOCK_K == 0:
                 group = k0 // GROUP_SIZE
                 s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
                 s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
-                acc_even += tl.sum(low.to(tl.float32) * x[None, :], axis=1) * s_even
-                acc_odd += tl.sum(high.to(tl.float32) * x[None, :], axis=1) * s_odd
+                acc_even += tl.sum(low * x[None, :], axis=1) * s_even
+                acc_odd += tl.sum(high * x[None, :], axis=1) * s_odd
             else:
                 groups = ks // GROUP_SIZE
                 s_even = tl.load(scales_ptr + even[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
                 s_odd = tl.load(scales_ptr + (even + 1)[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
-                acc_even += tl.sum(low.to(tl.float32) * s_even * x[None, :], axis=1)
-                acc_odd += tl.sum(high.to(tl.float32) * s_odd * x[None, :], axis=1)
-        out_row = out_ptr + split * stride_os + m * stride_om
-        tl.store(out_row + even, acc_even, mask=pair_mask)
-        tl.store(out_row + even + 1, acc_odd, mask=pair_mask)
+                acc_even += tl.sum(low * s_even * x[None, :], axis=1)
+                acc_odd += tl.sum(high * s_odd * x[None, :], axis=1)
+        part_row = part_ptr + split * stride_ps + m * stride_pm
+        tl.store(part_row + even, acc_even, mask=pair_mask)
+        tl.store(part_row + even + 1, acc_odd, mask=pair_mask)
+    # The program's BLOCK_N output columns (pairs of even and odd rows) are tile pid_n of the output.
+    reduce_split_k(
+        part_ptr, counter_ptr, out_ptr, bias_ptr, bias_ptr, bias_ptr, pid_n, N, num_splits,
+        stride_ps, stride_pm, stride_om, NUM_ROWS=NUM_ROWS, BLOCK_N=BLOCK_N, BLOCK_S=BLOCK_S,
+        HAS_BIAS=HAS_BIAS, HAS_INPUT_SCALE=False, HAS_COL_SCALE=False,
+    )  # fmt: skip
 
 
 # Above this many rows the product is compute-bound: dequantizing the weight once and running the
@@ -165,9 +184,10 @@ def _w4a16_gemv_kernel(
 MAX_ROWS_FUSED = 16
 MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core tile padding to 16 rows)
 # Tile and launch settings of the CUDA-core kernel, module level so a tuning sweep can change them.
-# Swept on an H200 (bf16, group 128, Llama-3-8B shapes, 2026-11-28): 8 programs per SM through
-# split-K mattered most (gate_up at batch 1: 98 -> 51 us).
-GEMV_CONFIG = {"block_n": 128, "num_warps": 8, "num_stages": 1, "programs_per_sm": 8}
+# Swept on an H200 (bf16, group 128, Llama-3-8B's four layer shapes at batch 1, 2026-11-28): 256 outputs
+# and 16 programs per SM through split-K, 86 us for the four layers (the first sweep's 128 / 8 warps /
+# 8 programs: ~93 us). float_nibbles: see triton_w4_dequantize.signed_nibbles_fp32 (qkv 11.6 -> 11.2 us).
+GEMV_CONFIG = {"block_n": 256, "num_warps": 4, "num_stages": 1, "programs_per_sm": 16, "float_nibbles": True}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -271,15 +291,20 @@ def _gemv(
     num_rows, k = x.shape
     n = packed.shape[0] * 2
     block_n = GEMV_CONFIG["block_n"]
-    k_steps = triton.cdiv(k, block_k)
-    split_k = max(1, min(GEMV_CONFIG["programs_per_sm"] * _num_sms(x.device) // triton.cdiv(n, block_n), k_steps))
-    k_per_split = triton.cdiv(k_steps, split_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
+    programs = GEMV_CONFIG["programs_per_sm"] * _num_sms(x.device)
+    k_per_split, split_k = split_k_plan(n, k, block_n, block_k, programs)
+    num_tiles = triton.cdiv(n, block_n)
+    check_tiles(num_tiles)
     partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
-    _w4a16_gemv_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, packed, scales, pre_quant_scale if pre_quant_scale is not None else scales, partial,
-        n, k, k_per_split, x.stride(0), packed.stride(0), scales.stride(0), partial.stride(1), partial.stride(0),
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    _w4a16_gemv_kernel[(num_tiles, split_k)](
+        x, packed, scales, pre_quant_scale if pre_quant_scale is not None else scales,
+        bias if bias is not None else scales, partial, tile_counters(x.device), out,
+        n, k, k_per_split, split_k, x.stride(0), packed.stride(0), scales.stride(0),
+        partial.stride(1), partial.stride(0), out.stride(0),
         NUM_ROWS=num_rows, GROUP_SIZE=group_size, HAS_PRE_QUANT_SCALE=pre_quant_scale is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMV_CONFIG["num_warps"], num_stages=GEMV_CONFIG["num_stages"],
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None,
+        FLOAT_NIBBLES=GEMV_CONFIG["float_nibbles"],
+        num_warps=GEMV_CONFIG["num_warps"], num_stages=GEMV_CONFIG["num_stages"],
     )  # fmt: skip
-    return _reduce_splits(partial, bias, x.dtype)
+    return out

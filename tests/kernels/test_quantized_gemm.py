@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from quantized_weights import random_int4
 
 from kiln.kernels.quantized_gemm import (
     dequantize_int4,
@@ -24,15 +25,6 @@ BF16, FP16 = torch.bfloat16, torch.float16
 requires_fp8 = pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9), reason="no FP8 on this GPU"
 )
-
-
-def random_int4(n: int, k: int, group_size: int, gen: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random int4 weight in ModelOpt's layout: packed uint8 [n / 2, k] and fp32 scales [n, k / group]."""
-    q = torch.randint(-8, 8, (n, k), generator=gen, device=device, dtype=torch.int16)
-    nibbles = (q & 0xF).to(torch.uint8).view(n // 2, 2, k)
-    packed = nibbles[:, 0] | (nibbles[:, 1] << 4)
-    scales = torch.rand(n, k // group_size, generator=gen, device=device) * 0.02 + 0.001
-    return packed.contiguous(), scales
 
 
 def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
