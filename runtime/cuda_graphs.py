@@ -25,8 +25,15 @@ NULL_BLOCK_ID = 0
 
 
 def default_bucket_sizes(max_batch_size: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, and max_batch_size itself."""
-    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 257, 16))
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, every 32 up to 512, every 128 beyond, and
+    max_batch_size itself: a step pads to at most ~12% more rows below 512, ~25% above.
+
+    Every decode batch size in use gets a graph: a 1024-sequence decode step run eagerly was host-bound
+    on an H200 (TPOT 88 ms against 62 ms from a graph, bf16 128/128). Above 512 the buckets are sparser,
+    since each captured size adds start-up time.
+    """
+    sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 257, 16)) + list(range(288, 513, 32))
+    sizes += list(range(640, max_batch_size, 128))
     return sorted({size for size in sizes if size < max_batch_size} | {max_batch_size})
 
 

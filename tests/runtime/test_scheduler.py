@@ -116,4 +116,5 @@ def test_cuda_graph_buckets_cover_every_batch_size() -> None:
 
     assert default_bucket_sizes(6) == [1, 2, 4, 6]
     assert default_bucket_sizes(256)[:12] == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 80]
-    assert default_bucket_sizes(256)[-1] == 256 and default_bucket_sizes(300)[-2:] == [256, 300]
+    assert default_bucket_sizes(256)[-1] == 256 and default_bucket_sizes(300)[-3:] == [256, 288, 300]
+    assert default_bucket_sizes(1024)[-6:] == [480, 512, 640, 768, 896, 1024]
