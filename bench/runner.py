@@ -83,7 +83,9 @@ def run_offline(
     result = RunResult(workload, None if dummy_preset else model_dir)
     result.engine = {**dataclasses.asdict(engine.limits), "async_scheduling": engine.async_scheduling}
     if warmup:  # compiles kernels and fills allocator pools; not measured
-        run_throughput(engine, requests[:warmup], ignore_eos)
+        run_throughput(
+            engine, _warmup_requests(workload_spec, requests, warmup, engine.model_config.vocab_size), ignore_eos
+        )
     if mode == "throughput":
         traces = run_throughput(engine, requests, ignore_eos, progress)
     else:
@@ -103,6 +105,14 @@ def run_offline(
         summary = summarize(hf_traces)  # token-level latencies are not observable through generate()
         result.summaries["hf"] = dataclasses.replace(summary, ttft_ms=None, tpot_ms=None, itl_ms=None)
     return result
+
+
+def _warmup_requests(spec: WorkloadSpec, requests: list, count: int, vocab_size: int) -> list:
+    """Warm-up requests shaped like the measured ones but with other tokens: a copy of a measured prompt
+    would let that one hit the prefix cache and report a prefill it never ran."""
+    if spec.dataset is not None:
+        return requests[:count]
+    return list(synthetic(count, spec.input_len, spec.output_len, vocab_size, spec.seed + 1, spec.len_std).requests)
 
 
 def run_serve(

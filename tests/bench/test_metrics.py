@@ -52,3 +52,14 @@ def test_failures_are_counted_not_measured():
     assert (s.completed, s.failed, s.prompt_tokens) == (4, 1, 40)
     assert s.duration_s == pytest.approx(3.0)  # the failed request still spans the run
     assert summarize([]).completed == 0
+
+
+def test_warmup_requests_are_shaped_like_the_measured_ones_but_share_no_prompt():
+    # A warm-up copy of a measured prompt would let that request hit the prefix cache in the measured run.
+    from kiln.bench.runner import WorkloadSpec, _warmup_requests, make_workload
+
+    spec = WorkloadSpec(num_requests=4, input_len=16, output_len=8)
+    measured = list(make_workload(spec, 1000, None).requests)
+    warmup = _warmup_requests(spec, measured, 2, 1000)
+    assert [len(r.prompt_token_ids) for r in warmup] == [16, 16] and {r.output_len for r in warmup} == {8}
+    assert not {tuple(r.prompt_token_ids) for r in warmup} & {tuple(r.prompt_token_ids) for r in measured}
