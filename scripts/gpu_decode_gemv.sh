@@ -2,7 +2,7 @@
 # Issue 8 on one GPU, sized for one device call: the quantized-GEMM GPU tests, the decode GEMV sweep and
 # table, batch-1 latency in bf16, FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
 # batch-1 step, 128/128 throughput at two engine batch sizes (batch) or with 8,192 requests (short), and
-# 1000/1000 with 2,048 requests (long).
+# 1000/1000 with 2,048 requests (long); short and long run 1,024 sequences at once (--max-batch-size).
 #   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [perf] [latency] [profile] [batch] [short] [long]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,11 +39,11 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
       --top 12 >"$out/profile-fp8-b1.txt" 2>&1; echo "profile rc=$?"; sed -n "/decode steps:/,\$p" "$out/profile-fp8-b1.txt" | cut -c1-160 | head -30 ;;
     short) for q in bf16 fp8; do
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
-        BENCH_TIMEOUT=150 bench "tp128-$q-8192" throughput x "${common[@]}" "${quant[@]}" --num-requests 8192 \
+        BENCH_TIMEOUT=150 bench "tp128-$q-8192" throughput x "${common[@]}" "${quant[@]}" --max-batch-size 1024 --num-requests 8192 \
           --input-len 128 --output-len 128; done ;;
     long) for q in bf16 fp8; do
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
-        BENCH_TIMEOUT=280 bench "tp1000-$q-2048" throughput x "${common[@]}" "${quant[@]}" --num-requests 2048 \
+        BENCH_TIMEOUT=280 bench "tp1000-$q-2048" throughput x "${common[@]}" "${quant[@]}" --max-batch-size 1024 --num-requests 2048 \
           --input-len 1000 --output-len 1000; done ;;
     batch) for q in bf16 fp8; do for size in 256 1024; do
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
