@@ -11,21 +11,14 @@ import torch
 from kiln.core.artifact import parent_ref_for
 from kiln.core.dtypes import KNOWN_DTYPE_SPELLINGS, canonical_dtype_name
 from kiln.core.errors import ConfigError
-from kiln.core.hf_checkpoint import find_weight_files, iter_safetensors, open_safetensors, read_config_json
-from kiln.core.manifest import ParentRef
-
-# Files that make a tokenizer and its chat template work with transformers' AutoTokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+from kiln.core.hf_checkpoint import (
+    TOKENIZER_FILES,
+    find_weight_files,
+    iter_safetensors,
+    open_safetensors,
+    read_config_json,
 )
+from kiln.core.manifest import ParentRef
 
 
 class HFDirSource:

@@ -7,11 +7,12 @@ configuration files); weights are random, made on the device, so benchmarks need
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from kiln.core.errors import UserInputError
-from kiln.core.hf_checkpoint import read_json_object
+from kiln.core.hf_checkpoint import TOKENIZER_FILES, read_json_object
 
 _LLAMA3 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
            "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
@@ -55,10 +56,14 @@ DUMMY_QUANTIZATIONS: dict[str, dict[str, Any]] = {
 
 
 def dummy_model_dir(spec: str, cache_dir: Path, quantization: str | None = None) -> Path:
-    """A directory holding only the config.json of a preset name or of a given config.json path.
+    """A directory holding the config.json of a preset name or of a given config.json path (or model
+    directory), and that directory's tokenizer files if it has any.
 
-    quantization: fp8 or int4-awq adds the quantization_config the random weights then follow.
+    With a tokenizer, engines and servers of the random weights take text prompts, as vLLM's dummy
+    weights keep the model directory's tokenizer. quantization: fp8 or int4-awq adds the
+    quantization_config the random weights then follow.
     """
+    source_dir = None
     if spec in PRESETS:
         config, name = PRESETS[spec], spec
     else:
@@ -68,6 +73,7 @@ def dummy_model_dir(spec: str, cache_dir: Path, quantization: str | None = None)
             raise UserInputError(f"unknown preset {spec!r}: use one of {', '.join(PRESETS)} or a config.json path")
         config = read_json_object(path)
         name = path.parent.name or "config"
+        source_dir = path.parent
     if quantization is not None:
         if quantization not in DUMMY_QUANTIZATIONS:
             raise UserInputError(f"--dummy-quantization must be one of {', '.join(DUMMY_QUANTIZATIONS)}")
@@ -76,4 +82,8 @@ def dummy_model_dir(spec: str, cache_dir: Path, quantization: str | None = None)
     out = cache_dir / "dummy" / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for file_name in TOKENIZER_FILES:  # the directory is reused per name: no tokenizer left from another source
+        (out / file_name).unlink(missing_ok=True)
+        if source_dir is not None and (source_dir / file_name).is_file():
+            shutil.copyfile(source_dir / file_name, out / file_name)
     return out

@@ -5,10 +5,14 @@ CUDA-graph capture, prefill, one token, exit): an upper bound of start-to-first-
 interpreter start and exit. Usage:
     python scripts/start_to_first_token.py MODEL [MODEL ...] [--repeat 3] [-- extra kiln run flags]
 With --make-8b DIR (GPU), it first writes a Llama-3-8B-shaped checkpoint with random weights to DIR/checkpoint
-and builds DIR/engine from it, then times both.
+and builds DIR/engine from it, then times both. With --make-dummy DIR it builds engines of random weights
+(`kiln build --dummy-weights`, on disk like any engine) for --preset in each of --quantizations (bf16, fp8,
+int4-awq), with a small tokenizer so they take text, and times those:
+    python scripts/start_to_first_token.py --make-dummy /tmp/st --preset llama-3-8b --quantizations fp8 int4-awq
 """
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +49,32 @@ def make_8b(out: Path) -> list[str]:
     return [str(engine), str(checkpoint)]
 
 
+def make_dummy(out: Path, preset: str, quantizations: list[str]) -> list[str]:
+    """Engines of random weights for `preset` (a preset name or config.json), one per quantization."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from tiny_models import make_tiny_tokenizer
+
+    from kiln.models.presets import dummy_model_dir
+
+    model = out / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(dummy_model_dir(preset, out / "cache") / "config.json", model / "config.json")
+    make_tiny_tokenizer(320).save_pretrained(model)  # `kiln run` takes text; any small tokenizer will do
+    engines = []
+    for quantization in quantizations:
+        engine = out / f"engine-{quantization}"
+        quant = [] if quantization == "bf16" else ["--dummy-quantization", quantization]
+        begin = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "kiln.cli.main", "build", str(model), "--dummy-weights", *quant, "-o", str(engine),
+             "--max-seq-len", "4096", "--force"],
+            check=True,
+        )  # fmt: skip
+        print(f"{engine.name} built in {time.perf_counter() - begin:.1f} s", flush=True)
+        engines.append(str(engine))
+    return engines
+
+
 def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -52,8 +82,13 @@ def main() -> None:
     parser.add_argument("models", nargs="*")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--make-8b", type=Path)
+    parser.add_argument("--make-dummy", type=Path)
+    parser.add_argument("--preset", default="llama-3-8b", help="for --make-dummy: a preset name or a config.json")
+    parser.add_argument("--quantizations", nargs="+", default=["bf16", "fp8", "int4-awq"])
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     models = args.models + (make_8b(args.make_8b) if args.make_8b else [])
+    if args.make_dummy:
+        models += make_dummy(args.make_dummy, args.preset, args.quantizations)
     for model in models:
         times = [time_run(model, extra) for _ in range(args.repeat)]
         print(f"{model}: median {statistics.median(times):.2f} s of {[round(t, 2) for t in times]}", flush=True)

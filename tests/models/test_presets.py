@@ -17,3 +17,20 @@ def test_preset_shapes(name: str) -> None:
     config = ModelConfig.from_hf_config(PRESETS[name])
     billions = weight_bytes(config, None, "bf16", 1) / 2 / 1e9
     assert billions == pytest.approx(PUBLISHED_BILLIONS[name], rel=0.01)
+
+
+def test_dummy_model_dir_keeps_the_tokenizer_of_its_source_and_no_other(tmp_path) -> None:
+    import json
+
+    from kiln.models.presets import dummy_model_dir
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    with_tokenizer, without = tmp_path / "a" / "model", tmp_path / "b" / "model"  # same name: same cache folder
+    for directory in (with_tokenizer, without):
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text(json.dumps(config))
+    (with_tokenizer / "tokenizer.json").write_text("{}")
+    out = dummy_model_dir(str(with_tokenizer), tmp_path / "cache")
+    assert (out / "tokenizer.json").read_text() == "{}"
+    assert not (dummy_model_dir(str(without / "config.json"), tmp_path / "cache") / "tokenizer.json").exists()
+    assert not (dummy_model_dir("llama-3-8b", tmp_path / "cache") / "tokenizer.json").exists()
