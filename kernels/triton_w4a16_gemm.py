@@ -122,6 +122,7 @@ def _w4a16_gemv_kernel(
     stride_ps,
     stride_om,
     NUM_ROWS: tl.constexpr,
+    ROWS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_PRE_QUANT_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -132,45 +133,57 @@ def _w4a16_gemv_kernel(
 ):
     # A few activation rows (decode): multiply-and-reduce on CUDA cores, with the weight tile kept in
     # the layout it was loaded in (K fastest), so no shared-memory transpose sits between load and use.
+    # Each weight tile is loaded and unpacked once and used for every row (rows of the [ROWS, HALF_N]
+    # accumulators are updated one at a time: a tensor has no per-row assignment).
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     HALF_N: tl.constexpr = BLOCK_N // 2
     pairs = pid_n * HALF_N + tl.arange(0, HALF_N)
     pair_mask = pairs < N // 2
     even = 2 * pairs.to(tl.int64)
+    rows = tl.arange(0, ROWS)
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    for m in tl.static_range(NUM_ROWS):
-        acc_even = tl.zeros([HALF_N], dtype=tl.float32)
-        acc_odd = tl.zeros([HALF_N], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
+    acc_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
+    acc_odd = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        w_mask = pair_mask[:, None] & k_mask[None, :]
+        packed = tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0)
+        if FLOAT_NIBBLES:  # bit tricks instead of int-to-float conversions (see signed_nibbles_fp32)
+            low, high = signed_nibbles_fp32(packed)
+        else:
+            low_int, high_int = signed_nibbles(packed)
+            low, high = low_int.to(tl.float32), high_int.to(tl.float32)
+        if GROUP_SIZE % BLOCK_K == 0:  # one scale per output row in this tile: applied to the row sums
+            group = k0 // GROUP_SIZE
+            s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
+            s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
+        else:  # several groups in the tile: scale every weight
+            groups = ks // GROUP_SIZE
+            low = low * tl.load(scales_ptr + even[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
+            high = high * tl.load(
+                scales_ptr + (even + 1)[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0
+            )
+        if HAS_PRE_QUANT_SCALE:
+            pre_quant_scale = tl.load(pre_quant_scale_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        for m in tl.static_range(NUM_ROWS):
             x = tl.load(x_ptr + m * stride_xm + ks, mask=k_mask, other=0.0).to(tl.float32)
             if HAS_PRE_QUANT_SCALE:
-                x = x * tl.load(pre_quant_scale_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-            w_mask = pair_mask[:, None] & k_mask[None, :]
-            packed = tl.load(w_ptr + pairs[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0)
-            if FLOAT_NIBBLES:  # bit tricks instead of int-to-float conversions (see signed_nibbles_fp32)
-                low, high = signed_nibbles_fp32(packed)
-            else:
-                low_int, high_int = signed_nibbles(packed)
-                low, high = low_int.to(tl.float32), high_int.to(tl.float32)
+                x = x * pre_quant_scale
+            sum_even = tl.sum(low * x[None, :], axis=1)
+            sum_odd = tl.sum(high * x[None, :], axis=1)
             if GROUP_SIZE % BLOCK_K == 0:
-                group = k0 // GROUP_SIZE
-                s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
-                s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
-                acc_even += tl.sum(low * x[None, :], axis=1) * s_even
-                acc_odd += tl.sum(high * x[None, :], axis=1) * s_odd
-            else:
-                groups = ks // GROUP_SIZE
-                s_even = tl.load(scales_ptr + even[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
-                s_odd = tl.load(scales_ptr + (even + 1)[:, None] * stride_sn + groups[None, :], mask=w_mask, other=0.0)
-                acc_even += tl.sum(low * s_even * x[None, :], axis=1)
-                acc_odd += tl.sum(high * s_odd * x[None, :], axis=1)
-        part_row = part_ptr + split * stride_ps + m * stride_pm
-        tl.store(part_row + even, acc_even, mask=pair_mask)
-        tl.store(part_row + even + 1, acc_odd, mask=pair_mask)
+                sum_even = sum_even * s_even
+                sum_odd = sum_odd * s_odd
+            is_row = (rows == m)[:, None]
+            acc_even = tl.where(is_row, acc_even + sum_even[None, :], acc_even)
+            acc_odd = tl.where(is_row, acc_odd + sum_odd[None, :], acc_odd)
+    part_rows = part_ptr + split * stride_ps + rows[:, None] * stride_pm
+    part_mask = (rows < NUM_ROWS)[:, None] & pair_mask[None, :]
+    tl.store(part_rows + even[None, :], acc_even, mask=part_mask)
+    tl.store(part_rows + (even + 1)[None, :], acc_odd, mask=part_mask)
     # The program's BLOCK_N output columns (pairs of even and odd rows) are tile pid_n of the output.
     reduce_split_k(
         part_ptr, counter_ptr, out_ptr, bias_ptr, bias_ptr, bias_ptr, pid_n, N, num_splits,
@@ -302,8 +315,9 @@ def _gemv(
         bias if bias is not None else scales, partial, tile_counters(x.device), out,
         n, k, k_per_split, split_k, x.stride(0), packed.stride(0), scales.stride(0),
         partial.stride(1), partial.stride(0), out.stride(0),
-        NUM_ROWS=num_rows, GROUP_SIZE=group_size, HAS_PRE_QUANT_SCALE=pre_quant_scale is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None,
+        NUM_ROWS=num_rows, ROWS=triton.next_power_of_2(num_rows), GROUP_SIZE=group_size,
+        HAS_PRE_QUANT_SCALE=pre_quant_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None,
         FLOAT_NIBBLES=GEMV_CONFIG["float_nibbles"],
         num_warps=GEMV_CONFIG["num_warps"], num_stages=GEMV_CONFIG["num_stages"],
     )  # fmt: skip

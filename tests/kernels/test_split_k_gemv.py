@@ -64,6 +64,16 @@ def test_int4_gemv_matches_reference_and_repeats_bit_for_bit(m, with_bias):
         assert torch.equal(w4a16_linear(*args), first)
 
 
+def test_int4_gemv_rows_equal_their_single_row_products():
+    # The weight tile is unpacked once for all rows; each row's sums keep the single-row order.
+    from kiln.kernels.triton_w4a16_gemm import w4a16_linear
+
+    x, packed, scales, pre_quant_scale, bias = _int4_case(4, 6144, 4096, True, seed=5)
+    together = w4a16_linear(x, packed, scales, pre_quant_scale, bias)
+    alone = torch.cat([w4a16_linear(x[i : i + 1], packed, scales, pre_quant_scale, bias) for i in range(4)])
+    assert torch.equal(together, alone)
+
+
 def test_int4_nibbles_converted_without_int_to_float_equal_the_integer_path():
     from kiln.kernels import triton_w4a16_gemm as gemm
 
