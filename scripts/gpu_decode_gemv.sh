@@ -2,8 +2,9 @@
 # Issue 8 on one GPU, sized for one device call: the quantized-GEMM GPU tests, the decode GEMV sweep and
 # table, batch-1 latency in bf16, FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
 # batch-1 step, 128/128 throughput at two engine batch sizes (batch) or with 8,192 requests (short), and
-# 1000/1000 with 2,048 requests (long); short and long run 1,024 sequences at once (--max-batch-size).
-#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [perf] [latency] [profile] [batch] [short] [long]
+# 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024), the ratio to
+# transformers (hf), and process start to first token of bf16/fp8/int4-awq engines on disk (start).
+#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [perf] [latency] [profile] [batch] [short] [long] [hf] [start]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=/tmp/kiln-decode-gemv
@@ -41,10 +42,16 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
         BENCH_TIMEOUT=150 bench "tp128-$q-8192" throughput x "${common[@]}" "${quant[@]}" --max-batch-size 1024 --num-requests 8192 \
           --input-len 128 --output-len 128; done ;;
-    long) for q in bf16 fp8; do
+    long) for q in bf16 fp8; do  # the engine's default batch: at 1,024 the KV cache holds < half at full length
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
-        BENCH_TIMEOUT=280 bench "tp1000-$q-2048" throughput x "${common[@]}" "${quant[@]}" --max-batch-size 1024 --num-requests 2048 \
+        BENCH_TIMEOUT=300 bench "tp1000-$q-2048" throughput x "${common[@]}" "${quant[@]}" --num-requests 2048 \
           --input-len 1000 --output-len 1000; done ;;
+    hf) BENCH_TIMEOUT=200 bench tp128-vs-hf throughput x "${common[@]}" --backend hf --hf-batch-size 256 \
+        --num-requests 512 --input-len 128 --output-len 128 ;;
+    start) t0=$SECONDS  # process start to first token of engines on local disk, bf16 / fp8 / int4-awq
+      timeout ${START_TIMEOUT:-420} python3 scripts/start_to_first_token.py --make-dummy /tmp/kiln-start \
+        --preset llama-3-8b --repeat 2 >"$out/start.txt" 2>&1
+      echo "start rc=$? $((SECONDS - t0)) s"; grep -E "built in|median" "$out/start.txt" ;;
     batch) for q in bf16 fp8; do for size in 256 1024; do
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
         bench "tp128-$q-b$size" throughput x "${common[@]}" "${quant[@]}" --max-batch-size $size \
