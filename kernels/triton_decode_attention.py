@@ -14,10 +14,21 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels.triton_split_k import MAX_TILES, tile_counters
+
+
+def _merge_in_kernel() -> bool:
+    """KILN_DECODE_MERGE_IN_KERNEL=1: the split kernel's last program merges the splits (no merge launch).
+
+    Off until timed and tested on a GPU (written and checked in the Triton interpreter only)."""
+    return os.environ.get("KILN_DECODE_MERGE_IN_KERNEL") == "1"
+
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys per program than this and the merge costs more than it gains
 MAX_SPLITS = 64
@@ -34,6 +45,7 @@ def _decode_split_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    counter_ptr,
     scale_log2,
     v_scale,
     sliding_window,
@@ -56,6 +68,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WRITE_OUT: tl.constexpr,
+    MERGE_IN_KERNEL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -113,6 +126,45 @@ def _decode_split_kernel(
         g_mask = g < group_size
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=g_mask)
         tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / l_safe[:, None], mask=q_mask)
+        if MERGE_IN_KERNEL:
+            _merge_if_last(
+                part_out_ptr, part_lse_ptr, counter_ptr, out_ptr, seq * tl.num_programs(1) + kv_head,
+                (seq * num_heads + heads) * num_splits, num_splits, head_dim, seq * stride_o_t + heads * stride_o_h,
+                g_mask, q_mask, d,
+            )  # fmt: skip
+
+
+@triton.jit
+def _merge_if_last(
+    part_out_ptr, part_lse_ptr, counter_ptr, out_ptr, tile, first_part, num_splits, head_dim, out_offsets,
+    g_mask, q_mask, d,
+):  # fmt: skip
+    """The last split program of a (sequence, KV head) to arrive merges the group's splits (as
+    `_decode_merge_kernel`, one launch fewer) and resets its counter (see `triton_split_k`)."""
+    tl.debug_barrier()  # every thread's partial is written before the arrival is counted
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+    if arrived == num_splits - 1:
+        lse_max = tl.full(first_part.shape, -float("inf"), tl.float32)
+        for split in range(num_splits):
+            lse = tl.load(part_lse_ptr + first_part + split, mask=g_mask, other=-float("inf"), cache_modifier=".cg")
+            lse_max = tl.maximum(lse_max, lse)
+        lse_max = tl.where(g_mask, lse_max, 0.0)  # padding query rows: no inf - inf
+        acc = tl.zeros(q_mask.shape, tl.float32)
+        weights = tl.zeros(first_part.shape, tl.float32)
+        for split in range(num_splits):
+            lse = tl.load(part_lse_ptr + first_part + split, mask=g_mask, other=-float("inf"), cache_modifier=".cg")
+            weight = tl.exp2(lse - lse_max)
+            part = tl.load(
+                part_out_ptr + (first_part + split)[:, None] * head_dim + d[None, :],
+                mask=q_mask,
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            acc += part * weight[:, None]
+            weights += weight
+        out = acc / tl.where(g_mask, weights, 1.0)[:, None]
+        tl.store(out_ptr + out_offsets[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        tl.atomic_xchg(counter_ptr + tile, 0)
 
 
 @triton.jit
@@ -181,6 +233,7 @@ def decode_attention(
     # Partial buffers depend only on host ints, so they are safe to allocate under graph capture.
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    merge_in_kernel = num_splits > 1 and _merge_in_kernel() and num_seqs * num_kv_heads <= MAX_TILES
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -190,6 +243,7 @@ def decode_attention(
         out,
         part_out,
         part_lse,
+        tile_counters(q.device),
         scale * k_scale * math.log2(math.e),
         v_scale,
         NO_WINDOW if sliding_window is None else sliding_window,
@@ -209,10 +263,11 @@ def decode_attention(
         BLOCK_N=64 if block_d <= 128 else 32,
         BLOCK_D=block_d,
         WRITE_OUT=num_splits == 1,
+        MERGE_IN_KERNEL=merge_in_kernel,
         num_warps=4,
         num_stages=2,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not merge_in_kernel:
         _decode_merge_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,

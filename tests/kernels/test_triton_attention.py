@@ -153,11 +153,16 @@ def test_decode_sliding_window(num_seqs, heads, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("merge_in_kernel", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
-def test_decode_fixed_splits_any_context(num_splits):
+def test_decode_fixed_splits_any_context(num_splits, merge_in_kernel, monkeypatch):
     # As under a captured CUDA graph: the split count is fixed while contexts vary (many splits empty).
+    # merge_in_kernel: the split kernel's last program merges (KILN_DECODE_MERGE_IN_KERNEL=1).
+    monkeypatch.setenv("KILN_DECODE_MERGE_IN_KERNEL", "1" if merge_in_kernel else "0")
     seq_lens = [1, 2, 17, 64, 65, 300, 2999]
     check_attention(make_case([1] * 7, seq_lens, LLAMA3, BF16, 16, seed=3), None, num_splits=num_splits)
+    for heads, dtype in [(SMOLLM2, FP16), (MHA, FP16)]:  # groups of 3 (padded to 16 rows) and of 1
+        check_attention(make_case([1] * 7, seq_lens, heads, dtype, 16, seed=4), None, num_splits=num_splits)
 
 
 PREFILL_CASES = [
