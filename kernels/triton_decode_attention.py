@@ -12,7 +12,6 @@ are sized from host ints (num_seqs, num_heads, num_splits), so a graph captured 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -20,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_split_k import MAX_TILES, tile_counters
+from kiln.kernels.triton_split_k import MAX_TILES, num_sms, tile_counters
 
 
 def _merge_in_kernel() -> bool:
@@ -193,17 +192,9 @@ def _decode_merge_kernel(
     tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (132 on H100 SXM); 1 elsewhere (interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def decode_num_splits(max_keys: int, num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Splits per (sequence, KV head) so the grid covers the GPU about twice, each with enough keys."""
-    wanted = math.ceil(2 * _num_sms(device) / max(1, num_seqs * num_kv_heads))
+    wanted = math.ceil(2 * num_sms(device) / max(1, num_seqs * num_kv_heads))
     return max(1, min(wanted, math.ceil(max_keys / MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 

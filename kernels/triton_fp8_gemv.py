@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_fp8_quant import FP8_E4M3_MAX
-from kiln.kernels.triton_split_k import check_tiles, reduce_split_k, split_k_plan, tile_counters
+from kiln.kernels.triton_split_k import check_tiles, num_sms, reduce_split_k, split_k_plan, tile_counters
 
 MAX_ROWS = 16  # one tensor-core tile of rows
 # Module level so a tuning sweep (tests/kernels/perf_quantized_gemm.py --sweep) can change them. Swept on
@@ -87,10 +87,6 @@ def _fp8_gemv_kernel(
     )  # fmt: skip
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def fp8_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -107,7 +103,7 @@ def fp8_gemv(
         x = x.contiguous()
     config = FP8_GEMV_CONFIG
     block_n, block_k = config["block_n"], config["block_k"]
-    k_per_split, split_k = split_k_plan(n, k, block_n, block_k, config["programs_per_sm"] * _num_sms(x.device))
+    k_per_split, split_k = split_k_plan(n, k, block_n, block_k, config["programs_per_sm"] * num_sms(x.device))
     num_tiles = triton.cdiv(n, block_n)
     check_tiles(num_tiles)
     partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)

@@ -28,6 +28,14 @@ def tile_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
 
 
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM); 1 elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def check_tiles(num_tiles: int) -> None:
     if num_tiles > MAX_TILES:
         raise ValueError(f"{num_tiles} output tiles exceed the split-K counters ({MAX_TILES})")

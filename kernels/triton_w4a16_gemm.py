@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_split_k import check_tiles, reduce_split_k, split_k_plan, tile_counters
+from kiln.kernels.triton_split_k import check_tiles, num_sms, reduce_split_k, split_k_plan, tile_counters
 from kiln.kernels.triton_w4_dequantize import dequantize_w4, signed_nibbles, signed_nibbles_fp32
 
 
@@ -203,10 +203,6 @@ MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core 
 GEMV_CONFIG = {"block_n": 256, "num_warps": 4, "num_stages": 1, "programs_per_sm": 16, "float_nibbles": True}
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _plan(num_rows: int, n: int, k: int, group_size: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, split_k) for the fused kernel.
 
@@ -222,7 +218,7 @@ def _plan(num_rows: int, n: int, k: int, group_size: int, device: torch.device) 
     block_k = min(128, group_size) if is_power_of_two and group_size >= 16 else 128
     tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n)
     k_steps = triton.cdiv(k, block_k)
-    split_k = max(1, min(4 * _num_sms(device) // tiles, k_steps))
+    split_k = max(1, min(4 * num_sms(device) // tiles, k_steps))
     return block_m, block_n, block_k, split_k
 
 
@@ -304,7 +300,7 @@ def _gemv(
     num_rows, k = x.shape
     n = packed.shape[0] * 2
     block_n = GEMV_CONFIG["block_n"]
-    programs = GEMV_CONFIG["programs_per_sm"] * _num_sms(x.device)
+    programs = GEMV_CONFIG["programs_per_sm"] * num_sms(x.device)
     k_per_split, split_k = split_k_plan(n, k, block_n, block_k, programs)
     num_tiles = triton.cdiv(n, block_n)
     check_tiles(num_tiles)
