@@ -24,7 +24,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from quantized_weights import random_int4  # noqa: E402
 
-from kiln.kernels import triton_fp8_gemv, triton_w4a16_gemm  # noqa: E402
+from kiln.kernels import triton_fp8_gemv, triton_w4a16_gemv  # noqa: E402
 from kiln.kernels.quantized_gemm import fp8_linear, int4_linear  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -60,10 +60,10 @@ def table() -> None:
             t4 = bench(lambda: int4_linear(x, packed, scales, None, None))  # noqa: B023
             t8 = bench(lambda: fp8_linear(x, w8, input_scale, channel_scale, None, weight_scale))  # noqa: B023
             t4_before = t8_before = float("nan")
-            if m <= triton_w4a16_gemm.MAX_ROWS_GEMV:
-                triton_w4a16_gemm.GEMV_CONFIG["float_nibbles"] = False
+            if m <= triton_w4a16_gemv.MAX_ROWS_GEMV:
+                triton_w4a16_gemv.GEMV_CONFIG["float_nibbles"] = False
                 t4_before = bench(lambda: int4_linear(x, packed, scales, None, None))  # noqa: B023
-                triton_w4a16_gemm.GEMV_CONFIG["float_nibbles"] = True
+                triton_w4a16_gemv.GEMV_CONFIG["float_nibbles"] = True
             if m <= triton_fp8_gemv.FP8_GEMV_CONFIG["max_rows"]:
                 os.environ["KILN_DISABLE_FP8_GEMV"] = "1"
                 t8_before = bench(lambda: fp8_linear(x, w8, input_scale, channel_scale, None, weight_scale))  # noqa: B023
@@ -120,7 +120,7 @@ def sweep() -> None:
     int4_grid = {"block_n": [64, 128, 256], "num_warps": [4, 8], "num_stages": [1], "programs_per_sm": [4, 8, 16]}
     _sweep(
         "int4 M=1",
-        triton_w4a16_gemm.GEMV_CONFIG,
+        triton_w4a16_gemv.GEMV_CONFIG,
         int4_grid,
         lambda: [
             (lambda x=x, packed=packed, scales=scales: int4_linear(x, packed, scales, None, None))

@@ -75,15 +75,16 @@ def test_int4_gemv_rows_equal_their_single_row_products():
 
 
 def test_int4_nibbles_converted_without_int_to_float_equal_the_integer_path():
-    from kiln.kernels import triton_w4a16_gemm as gemm
+    from kiln.kernels.triton_w4a16_gemm import w4a16_linear
+    from kiln.kernels.triton_w4a16_gemv import GEMV_CONFIG
 
     args = _int4_case(2, 4096, 4096, False, seed=7)
-    with_bits = gemm.w4a16_linear(*args)
-    gemm.GEMV_CONFIG["float_nibbles"] = False
+    with_bits = w4a16_linear(*args)
+    GEMV_CONFIG["float_nibbles"] = False
     try:
-        with_conversions = gemm.w4a16_linear(*args)
+        with_conversions = w4a16_linear(*args)
     finally:
-        gemm.GEMV_CONFIG["float_nibbles"] = True
+        GEMV_CONFIG["float_nibbles"] = True
     assert torch.equal(with_bits, with_conversions)  # both conversions are exact; same sums in the same order
 
 
