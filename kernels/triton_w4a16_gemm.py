@@ -108,6 +108,13 @@ def _w4a16_kernel(
 MAX_ROWS_FUSED = 16
 
 
+def _k_tile(group_size: int) -> int:
+    """BLOCK_K of both kernels: power-of-two groups of >= 16 keep each K tile inside one group (the cheap
+    path; tl.dot needs K tiles of at least 16); other group sizes take the per-weight path."""
+    is_power_of_two = group_size & (group_size - 1) == 0
+    return min(128, group_size) if is_power_of_two and group_size >= 16 else 128
+
+
 def _plan(num_rows: int, n: int, k: int, group_size: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, split_k) for the fused kernel.
 
@@ -117,10 +124,7 @@ def _plan(num_rows: int, n: int, k: int, group_size: int, device: torch.device) 
     """
     block_m = 16 if num_rows <= 16 else 32 if num_rows <= 32 else 64
     block_n = 128
-    # Power-of-two groups of >= 16 keep each K tile inside one group (the cheap path); tl.dot needs
-    # K tiles of at least 16. Other group sizes take the per-weight path.
-    is_power_of_two = group_size & (group_size - 1) == 0
-    block_k = min(128, group_size) if is_power_of_two and group_size >= 16 else 128
+    block_k = _k_tile(group_size)
     tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(n, block_n)
     k_steps = triton.cdiv(k, block_k)
     split_k = max(1, min(4 * num_sms(device) // tiles, k_steps))
@@ -144,11 +148,11 @@ def w4a16_linear(
             x = x * pre_quant_scale
         return torch.nn.functional.linear(x, dequantize_w4(packed, scales, x.dtype), bias)
     group_size = k // scales.shape[1]
+    if 0 < num_rows <= MAX_ROWS_GEMV:
+        return w4a16_gemv(x, packed, scales, pre_quant_scale, bias, group_size, _k_tile(group_size))
     block_m, block_n, block_k, split_k = _plan(num_rows, n, k, group_size, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
     split_k = triton.cdiv(k, k_per_split)  # no empty splits
-    if 0 < num_rows <= MAX_ROWS_GEMV:
-        return w4a16_gemv(x, packed, scales, pre_quant_scale, bias, group_size, block_k)
     # Split-K writes fp32 partial sums, added up below (deterministic, unlike atomics).
     if split_k == 1:
         out = torch.empty(1, num_rows, n, dtype=x.dtype, device=x.device)
