@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_split_k import MAX_TILES, num_sms, tile_counters
 
 
@@ -68,7 +69,9 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     WRITE_OUT: tl.constexpr,
     MERGE_IN_KERNEL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -177,7 +180,9 @@ def _decode_merge_kernel(
     stride_o_h,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     # One program per (sequence, query head): weight each split by exp2(lse - max lse).
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -225,6 +230,7 @@ def decode_attention(
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     merge_in_kernel = num_splits > 1 and _merge_in_kernel() and num_seqs * num_kv_heads <= MAX_TILES
+    pdl = use_pdl(q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -255,8 +261,10 @@ def decode_attention(
         BLOCK_D=block_d,
         WRITE_OUT=num_splits == 1,
         MERGE_IN_KERNEL=merge_in_kernel,
+        USE_PDL=pdl,
         num_warps=4,
         num_stages=2,
+        launch_pdl=pdl,
     )
     if num_splits > 1 and not merge_in_kernel:
         _decode_merge_kernel[(num_seqs, num_heads)](
@@ -269,4 +277,6 @@ def decode_attention(
             out.stride(1),
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            USE_PDL=pdl,
+            launch_pdl=pdl,
         )

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_fp8_quant import FP8_E4M3_MAX
 from kiln.kernels.triton_split_k import check_tiles, num_sms, reduce_split_k, split_k_plan, tile_counters
 
@@ -53,7 +54,9 @@ def _fp8_gemv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -108,12 +111,13 @@ def fp8_gemv(
     check_tiles(num_tiles)
     partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x.device)
     _fp8_gemv_kernel[(num_tiles, split_k)](
         x, weight, input_scale, channel_scale, bias if bias is not None else channel_scale, partial,
         tile_counters(x.device), out, num_rows, n, k, k_per_split, split_k,
         x.stride(0), weight.stride(0), partial.stride(1), partial.stride(0), out.stride(0),
         NUM_ROWS=num_rows, BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None, USE_PDL=pdl,
+        num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return out

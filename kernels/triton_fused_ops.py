@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
+
 SILU_BLOCK = 1024  # columns of the output per SiLU-and-mul program
 
 
@@ -32,7 +34,9 @@ def _add_rms_norm_kernel(
     stride_nr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     # One program per token: the whole row [BLOCK] lives in registers (BLOCK >= hidden).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -70,6 +74,7 @@ def fused_add_rms_norm(
     num_rows = x2d.shape[0]
     if num_rows:
         block = triton.next_power_of_2(hidden)
+        pdl = use_pdl(x.device)
         _add_rms_norm_kernel[(num_rows,)](
             x2d,
             r2d,
@@ -84,13 +89,16 @@ def fused_add_rms_norm(
             new_r2d.stride(0),
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
+            USE_PDL=pdl,
             num_warps=min(max(block // 512, 1), 16),  # ~16 values of the row per thread
+            launch_pdl=pdl,
         )
     return out, new_residual
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     # Grid: (num_tokens, cdiv(d, BLOCK)); gate is x[:, :d], up is x[:, d:].
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -113,7 +121,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     num_rows = x2d.shape[0]
     if num_rows and d:
         grid = (num_rows, triton.cdiv(d, SILU_BLOCK))
-        _silu_and_mul_kernel[grid](x2d, out, d, x2d.stride(0), d, BLOCK=SILU_BLOCK, num_warps=4)
+        pdl = use_pdl(x.device)
+        _silu_and_mul_kernel[grid](
+            x2d, out, d, x2d.stride(0), d, BLOCK=SILU_BLOCK, USE_PDL=pdl, num_warps=4, launch_pdl=pdl
+        )
     return out
 
 
@@ -133,7 +144,9 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     # One program per token: cos/sin [BLOCK_HALF] are read once and rotate all its q and k heads.
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -179,6 +192,7 @@ def rotary_embedding_(
     num_tokens = q.shape[0]
     num_heads, num_kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
     if num_tokens:
+        pdl = use_pdl(q.device)
         _rotary_kernel[(num_tokens,)](
             positions,
             q,
@@ -194,7 +208,9 @@ def rotary_embedding_(
             BLOCK_HQ=triton.next_power_of_2(num_heads),
             BLOCK_HK=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            USE_PDL=pdl,
             num_warps=4 if num_heads * head_dim <= 4096 else 8,
+            launch_pdl=pdl,
         )
 
 

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from kiln.core.dtypes import FP8_E4M3_MAX
+from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 
 FP8_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)
 
@@ -36,7 +37,9 @@ def _store_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IS_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     # One program per new token: all of its kv heads, [BLOCK_H, BLOCK_D].
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -79,6 +82,7 @@ def store_kv_triton(
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the KV caches' last dimension (head_dim) must be contiguous")
+    pdl = use_pdl(k.device)
     _store_kv_kernel[(num_tokens,)](
         k,
         v,
@@ -99,6 +103,8 @@ def store_kv_triton(
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
         IS_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )
 
 

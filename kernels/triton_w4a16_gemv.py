@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_split_k import check_tiles, num_sms, reduce_split_k, split_k_plan, tile_counters
 from kiln.kernels.triton_w4_dequantize import signed_nibbles, signed_nibbles_fp32
 
@@ -54,7 +55,9 @@ def _w4a16_gemv_kernel(
     BLOCK_S: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FLOAT_NIBBLES: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     # A few activation rows (decode): multiply-and-reduce on CUDA cores, with the weight tile kept in
     # the layout it was loaded in (K fastest), so no shared-memory transpose sits between load and use.
     # Each weight tile is loaded and unpacked once and used for every row (rows of the [ROWS, HALF_N]
@@ -135,6 +138,7 @@ def w4a16_gemv(
     check_tiles(num_tiles)
     partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    pdl = use_pdl(x.device)
     _w4a16_gemv_kernel[(num_tiles, split_k)](
         x, packed, scales, pre_quant_scale if pre_quant_scale is not None else scales,
         bias if bias is not None else scales, partial, tile_counters(x.device), out,
@@ -143,7 +147,7 @@ def w4a16_gemv(
         NUM_ROWS=num_rows, ROWS=triton.next_power_of_2(num_rows), GROUP_SIZE=group_size,
         HAS_PRE_QUANT_SCALE=pre_quant_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None,
-        FLOAT_NIBBLES=GEMV_CONFIG["float_nibbles"],
-        num_warps=GEMV_CONFIG["num_warps"], num_stages=GEMV_CONFIG["num_stages"],
+        FLOAT_NIBBLES=GEMV_CONFIG["float_nibbles"], USE_PDL=pdl,
+        num_warps=GEMV_CONFIG["num_warps"], num_stages=GEMV_CONFIG["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return out
