@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.core.errors import WeightMappingError
+from kiln.kernels.dense_gemm import dense_linear
 from kiln.models.parallel import all_reduce, tensor_parallel
 
 
@@ -139,7 +140,7 @@ class LinearBase(LoadableModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, input_size] -> [num_tokens, output_size]."""
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -164,8 +165,8 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, input_size / ranks] -> [num_tokens, output_size], summed over the ranks."""
         if tensor_parallel().size == 1:
-            return F.linear(x, self.weight, self.bias)  # one fused GEMM + bias, as without parallelism
-        out = all_reduce(F.linear(x, self.weight))
+            return dense_linear(x, self.weight, self.bias)  # one fused GEMM + bias, as without parallelism
+        out = all_reduce(dense_linear(x, self.weight, None))
         return out if self.bias is None else out + self.bias
 
 
