@@ -5,6 +5,11 @@ graph removes their launch gaps. A step of B sequences runs the graph of the sma
 padded: padding rows store nothing (slot -1) and attend to the null block 0, and their outputs are
 dropped. The metadata buffers are preallocated once for the largest bucket and never reallocated
 after capture (a graph replays fixed addresses): each step only copies new values into them.
+
+Under pipeline parallelism each stage captures its own part of the forward for one micro-batch: stages
+after the first start from a static [2, rows, hidden] buffer (the previous stage's hidden states and
+residual, copied in before each replay), and stages before the last end with the pair stacked, ready to
+send. The sends and receives stay outside the graphs, so a stage overlaps micro-batches as it does eagerly.
 """
 
 import bisect
@@ -18,6 +23,7 @@ from torch import nn
 
 from kiln.core.host_transfer import copy_into, pad_rows, to_device
 from kiln.kernels.attention import AttentionMetadata
+from kiln.models.pipeline import pipeline_stage
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,12 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(size, dtype=torch.int32, device=device)
         self.block_tables = torch.full((size, max_blocks_per_seq), NULL_BLOCK_ID, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(size + 1, dtype=torch.int32, device=device)  # one query per sequence
+        self.stage = pipeline_stage()
+        self.stage_inputs = None  # [2, rows, hidden]: what the previous pipeline stage sent, stages after the first
+        if not self.stage.is_first:
+            parameter = next(model.parameters())
+            hidden_size = model.config.hidden_size
+            self.stage_inputs = torch.zeros(2, size, hidden_size, dtype=parameter.dtype, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_replays = 0
 
@@ -90,24 +102,38 @@ class DecodeGraphs:
             seq_lens_host=[self.capture_seq_len] * batch_size,
         )
 
+    def _forward(self, batch_size: int) -> torch.Tensor:
+        """The captured work: the model's forward, or this pipeline stage's part of it, over the static inputs."""
+        input_ids, positions, metadata = (
+            self.input_ids[:batch_size],
+            self.positions[:batch_size],
+            self._metadata(batch_size),
+        )
+        if self.stage.size == 1:
+            return self.model(input_ids, positions, metadata)  # [batch_size, hidden]
+        hidden, residual = None, None
+        if self.stage_inputs is not None:
+            hidden, residual = self.stage_inputs[0, :batch_size], self.stage_inputs[1, :batch_size]
+        hidden, residual = self.model.forward_stage(input_ids, positions, metadata, hidden, residual)
+        # The last stage's final-norm output [batch_size, hidden]; earlier stages' [2, batch_size, hidden] to send
+        return hidden if self.stage.is_last else torch.stack([hidden, residual])
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first, sharing one memory pool."""
         pool = None
         for batch_size in reversed(self.bucket_sizes):
-            metadata = self._metadata(batch_size)
-            args = (self.input_ids[:batch_size], self.positions[:batch_size], metadata)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up off the capture: compiles Triton kernels for this shape
                 for _ in range(2):
-                    self.model(*args)
+                    self._forward(batch_size)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(*args)  # [batch_size, hidden], lives in the graph's pool
+                output = self._forward(batch_size)  # lives in the graph's pool
             pool = graph.pool()
-            self._graphs[batch_size] = (graph, hidden)
+            self._graphs[batch_size] = (graph, output)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.bucket_sizes)
 
@@ -123,10 +149,14 @@ class DecodeGraphs:
         seq_lens: list[int],
         block_tables: list[list[int]],
         fill_inputs: Callable[[torch.Tensor], None] | None = None,
+        stage_inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Replay the bucket's graph for this decode batch; returns hidden states [batch_size, hidden].
 
         fill_inputs, if given, may overwrite input ids on the device (tokens the previous step sampled).
+        A pipeline stage after the first passes what the previous stage sent, [2, batch_size, hidden]; a stage
+        before the last gets [2, batch_size, hidden] back. The result is a view of the graph's output, which
+        the next replay overwrites: copy it before sending it anywhere.
         """
         batch_size = len(input_ids)
         bucket = self.bucket_sizes[bisect.bisect_left(self.bucket_sizes, batch_size)]
@@ -149,7 +179,9 @@ class DecodeGraphs:
         # ids further right are never read (and are valid block ids anyway).
         width = max(len(row) for row in block_tables)
         copy_into(self.block_tables[:bucket, :width], pad_rows(block_tables, bucket, width, NULL_BLOCK_ID, torch.int32))
-        graph, hidden = self._graphs[bucket]
+        if self.stage_inputs is not None:
+            self.stage_inputs[:, :batch_size].copy_(stage_inputs)  # padding rows keep old finite values
+        graph, output = self._graphs[bucket]
         graph.replay()
         self.num_replays += 1
-        return hidden[:batch_size]
+        return output[..., :batch_size, :]

@@ -110,8 +110,7 @@ class LLMEngine:
                 CacheSpec(self.limits.num_kv_blocks, config.block_size, self.kv_cache_dtype, backend.name)
             )
             self.runner.broadcast = workers.broadcast
-        # Pipeline stages run eagerly: a graph would have to hold one stage's part and its sends and receives.
-        if config.enable_cuda_graphs and backend.name == "triton" and config.pp_size == 1:
+        if config.enable_cuda_graphs and backend.name == "triton":
             self.runner.decode_graphs = self._capture_decode_graphs(device)
         self.scheduler = Scheduler(self.kv_cache, self.limits.max_batch_size, self.limits.max_num_tokens)
         self.groups: dict[str, RequestGroup] = {}
@@ -148,8 +147,10 @@ class LLMEngine:
 
     def _capture_decode_graphs(self, device: torch.device) -> DecodeGraphs:
         limits = self.limits
+        # Pipeline stages replay graphs per micro-batch: a decode step's sequences split into pp_size of them.
+        max_graph_rows = -(-limits.max_batch_size // self.config.pp_size)
         spec = DecodeGraphSpec(
-            tuple(self.config.cuda_graph_batch_sizes or default_bucket_sizes(limits.max_batch_size)),
+            tuple(self.config.cuda_graph_batch_sizes or default_bucket_sizes(max_graph_rows)),
             max_blocks_per_seq=-(-limits.max_seq_len // limits.block_size),
             capture_seq_len=limits.max_seq_len,
         )

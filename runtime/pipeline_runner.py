@@ -9,7 +9,9 @@ which samples as it does without pipeline parallelism. Every message has a fixed
 derive from the step, and a tag (the micro-batch's index; NCCL ignores tags but keeps each pair of
 ranks' messages in order), so no sizes travel and nothing is mismatched. On GPUs the messages go
 device to device over NCCL and the waits order streams, not the host. Every wait is bounded by the
-process group's timeout: a stage that died or hangs ends the step with an error.
+process group's timeout: a stage that died or hangs ends the step with an error. On GPUs each stage
+replays its captured CUDA graph for pure decode micro-batches (runtime/cuda_graphs.py); the sends and
+receives stay outside the graphs.
 """
 
 from __future__ import annotations
@@ -63,29 +65,50 @@ class PipelineRunner(ModelRunner):
         """Receive (unless first), run this stage's layers, start the send onward; returns what is being sent."""
         stage = pipeline_stage()
         inputs = micro_batch.inputs
-        input_ids, positions, metadata = eager_inputs(inputs, self.device)
-        hidden, residual = None, None
-        if not stage.is_first:
-            # [2, num_tokens, hidden]: the previous stage's hidden states and residual stream, stacked
-            received = torch.empty(
-                2, micro_batch.num_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device
-            )
-            with _peers_answering():
-                dist.irecv(received, src=stage.global_rank(stage.rank - 1), tag=k).wait()
-            hidden, residual = received[0], received[1]
-        hidden, residual = self.model.forward_stage(input_ids, positions, metadata, hidden, residual)
+        received = None if stage.is_first else self._receive_activations(k, micro_batch)
+        output = self._stage_forward(inputs, received)
         if stage.is_last and not micro_batch.num_logit_rows:
             return None, None
         if stage.is_last:
             # fp32 [rows, vocab]; every TP rank of the stage computes them (the vocabulary gather is collective)
-            outgoing, destination = self.model.compute_logits(select_rows(hidden, inputs.logit_rows[0])), 0
+            outgoing, destination = self.model.compute_logits(select_rows(output, inputs.logit_rows[0])), 0
             if not stage.sends_logits:
                 return None, None
         else:
-            outgoing, destination = torch.stack([hidden, residual]), stage.global_rank(stage.rank + 1)
+            outgoing, destination = output, stage.global_rank(stage.rank + 1)
         outgoing = outgoing.contiguous()  # the very tensor sent is returned: it must live until the send completes
         with _peers_answering():
             return outgoing, dist.isend(outgoing, dst=destination, tag=k)
+
+    def _receive_activations(self, k: int, micro_batch: MicroBatch) -> torch.Tensor:
+        """[2, num_tokens, hidden]: the previous stage's hidden states and residual stream, stacked."""
+        stage = pipeline_stage()
+        received = torch.empty(2, micro_batch.num_tokens, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        with _peers_answering():
+            dist.irecv(received, src=stage.global_rank(stage.rank - 1), tag=k).wait()
+        return received
+
+    def _stage_forward(self, inputs: StepInputs, received: torch.Tensor | None) -> torch.Tensor:
+        """This stage's layers over a micro-batch: the last stage's final hidden states [num_tokens, hidden],
+        an earlier stage's [2, num_tokens, hidden] to send on (a tensor of its own, never a graph's buffer).
+
+        Pure decode micro-batches replay this stage's captured graph; the rest run eagerly.
+        """
+        is_last = pipeline_stage().is_last
+        graphs = self.decode_graphs
+        num_tokens = len(inputs.input_ids)
+        if graphs is not None and num_tokens == len(inputs.query_lens) and graphs.can_run(num_tokens):
+            output = graphs.run(
+                inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.seq_lens, inputs.block_tables,
+                stage_inputs=received,
+            )  # fmt: skip
+            # The next replay of this bucket (maybe the next micro-batch's) overwrites the graph's output while
+            # the send may still be reading it: send a copy. The last stage's logits are computed before that.
+            return output if is_last else output.clone()
+        input_ids, positions, metadata = eager_inputs(inputs, self.device)
+        hidden, residual = (None, None) if received is None else (received[0], received[1])
+        hidden, residual = self.model.forward_stage(input_ids, positions, metadata, hidden, residual)
+        return hidden if is_last else torch.stack([hidden, residual])
 
 
 @contextmanager

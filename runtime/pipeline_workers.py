@@ -6,8 +6,8 @@ stage runs the step; here each stage builds and loads only its decoder layers, a
 them alone (with rank 0's block ids) and runs its part of every micro-batch (runtime/pipeline_runner.py).
 With --tp-size N too, each stage is N tensor-parallel ranks (global rank = stage x N + TP rank): the
 layers' collectives run in the stage's own group, and hidden states go from each TP rank to the same
-TP rank of the next stage. On GPUs the stages talk over NCCL (one GPU per rank) and run eagerly (no
-CUDA graphs yet); on the CPU over gloo.
+TP rank of the next stage. On GPUs the stages talk over NCCL (one GPU per rank) and replay their own
+decode CUDA graphs; on the CPU over gloo.
 """
 
 from __future__ import annotations

@@ -62,10 +62,11 @@ def _tp_outputs(model: Path, prompts, params: SamplingParams, options: dict, tp_
     llm = LLM(str(model), tp_size=tp_size, pp_size=pp_size, **options)
     try:
         outputs = llm.generate(prompts, params)
-        if options["dtype"] != "fp32" and pp_size == 1:  # the Triton kernels (and so the graphs) run half precision
+        if options["dtype"] != "fp32":  # the Triton kernels (and so the graphs) run half precision
             assert llm.engine.limits.attention_backend == "triton"
-            # Decode steps replayed graphs holding all-reduces. No reference to the graphs may outlive this
-            # line: a captured NCCL kernel keeps the communicator open, and shutdown's destroy would wait.
+            # Decode steps replayed graphs (holding all-reduces under TP; a stage's part per micro-batch
+            # under PP). No reference to the graphs may outlive this line: a captured NCCL kernel keeps the
+            # communicator open, and shutdown's destroy would wait.
             assert llm.engine.runner.decode_graphs.num_replays > 0
     finally:
         llm.engine.shutdown()
@@ -95,6 +96,17 @@ def test_gpu_tp_fp32_tokens_and_prompt_logprobs_equal_one_gpu(sharp_model: Path,
 def test_gpu_pp2_fp32_tokens_and_prompt_logprobs_equal_one_gpu(sharp_model: Path) -> None:
     # Two stages, one layer each: hidden states and logits travel GPU to GPU over NCCL, micro-batches overlap.
     _check_fp32_tokens_and_prompt_logprobs(sharp_model, tp_size=1, pp_size=2)
+
+
+@_needs_gpus(2)
+def test_gpu_pp2_bf16_greedy_tokens_agree_with_one_gpu(counting_model: Path) -> None:
+    # Each stage replays its own captured decode graphs: 20 sequences a step make micro-batches of 10 rows,
+    # padded to the 16-row graph, whose hidden states and residual go to the next stage outside the graph.
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    options = {"device": "cuda", "dtype": "bf16", "max_batch_size": 20}
+    expected = _one_gpu_outputs(counting_model, _counting_prompts(), params, options)
+    got = _tp_outputs(counting_model, _counting_prompts(), params, options, tp_size=1, pp_size=2)
+    assert _token_agreement([r.token_ids for r in got], [r.token_ids for r in expected]) >= 0.99
 
 
 def _check_fp32_tokens_and_prompt_logprobs(model: Path, tp_size: int, pp_size: int) -> None:
