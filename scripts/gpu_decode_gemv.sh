@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Issue 8 on one GPU, sized for one device call: the quantized-GEMM GPU tests, the decode GEMV sweep and
-# table, batch-1 latency in bf16, FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
+# Issue 8 on one GPU, sized for one device call: the GEMV and decode-attention GPU tests, the decode GEMV
+# sweeps and tables (quantized: perf; dense bf16: dense), batch-1 latency in bf16 (A/B: the dense GEMV off,
+# the decode merge in the split kernel), FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
 # batch-1 step, 128/128 throughput at two engine batch sizes (batch) or with 8,192 requests (short), and
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024), the ratio to
 # transformers (hf), and process start to first token of bf16/fp8/int4-awq engines on disk (start).
-#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [perf] [latency] [profile] [batch] [short] [long] [hf] [start]
+#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
+# LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge int4-awq" picks the latency runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=/tmp/kiln-decode-gemv
@@ -24,27 +26,42 @@ for step in ${*:-tests perf latency batch}; do
   case $step in
     tests) t0=$SECONDS
       timeout ${TEST_TIMEOUT:-150} python3 -m pytest -v -p no:cacheprovider -m gpu -rs tests/kernels/test_split_k_gemv.py \
-        tests/kernels/test_quantized_gemm.py >"$out/pytest.log" 2>&1
+        tests/kernels/test_quantized_gemm.py tests/kernels/test_dense_gemv.py tests/kernels/test_triton_attention.py tests/kernels/test_pdl.py \
+        >"$out/pytest.log" 2>&1
       echo "tests rc=$? $((SECONDS - t0)) s: $(grep -cE '(^| )PASSED' "$out/pytest.log") passed, \
 $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
       grep -E "FAILED|Error" "$out/pytest.log" | head -20 ;;
+    gputests) t0=$SECONDS  # every GPU-marked test (multi-GPU ones skip on one GPU): parity with every kernel on
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k "not builtin and not gguf" \
+        tests >"$out/pytest-gpu.log" 2>&1
+      echo "gputests rc=$? $((SECONDS - t0)) s: $(tail -1 "$out/pytest-gpu.log")"
+      grep -E "^FAILED|^ERROR" "$out/pytest-gpu.log" | head -20 ;;
+    prefill) for q in bf16 fp8; do  # one prompt's prefill: host launch time against GPU time
+        quant=(); [ $q = fp8 ] && quant=(--quantization fp8)
+        timeout 120 python3 scripts/profile_prefill.py "${quant[@]}" --input-len ${PREFILL_LEN:-128} --top 20 \
+          >"$out/prefill-$q.txt" 2>&1; echo "prefill $q rc=$?"; grep -E "^prefill|^GPU" "$out/prefill-$q.txt"; done ;;
     perf) timeout ${PERF_TIMEOUT:-260} python3 tests/kernels/perf_quantized_gemm.py --sweep 2>&1 | tee "$out/perf.txt" \
       | grep -v "OutOfResources" ;;
-    latency)
-      bench latency-bf16 latency x "${common[@]}" --batch-size 1 --num-requests 3 --input-len 128 --output-len 256
-      KILN_DISABLE_FP8_GEMV=1 bench latency-fp8-scaled-mm latency x "${common[@]}" --dummy-quantization fp8 \
-        --batch-size 1 --num-requests 3 --input-len 128 --output-len 256
-      for q in fp8 int4-awq; do bench "latency-$q" latency x "${common[@]}" --dummy-quantization $q \
-        --batch-size 1 --num-requests 3 --input-len 128 --output-len 256; done ;;
+    dense) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_dense_gemv.py --sweep 2>&1 | tee "$out/dense.txt" \
+      | grep -v "OutOfResources" ;;
+    latency) for run in ${LATENCY:-bf16 bf16-nopdl bf16-cublas bf16-merge fp8 fp8-nopdl fp8-merge int4-awq}; do
+        q=${run%%-cublas}; q=${q%%-merge}; q=${q%%-scaled-mm}; q=${q%%-nopdl}
+        quant=(); [ "$q" != bf16 ] && quant=(--dummy-quantization "$q")
+        ( # the A/B switches (docs/bench.md, "Settings that change the numbers"), for this run only
+          case $run in *-cublas) export KILN_DISABLE_DENSE_GEMV=1 ;; *-merge) export KILN_DECODE_MERGE_IN_KERNEL=1 ;;
+            *-scaled-mm) export KILN_DISABLE_FP8_GEMV=1 ;; *-nopdl) export KILN_DISABLE_PDL=1 ;; esac
+          bench "latency-$run" latency x "${common[@]}" "${quant[@]}" --batch-size 1 --num-requests 3 \
+            --input-len 128 --output-len 256 )
+      done ;;
     profile) timeout 120 python3 scripts/profile_engine.py --quantization fp8 --num-requests 1 --output-len 256 \
       --top 12 >"$out/profile-fp8-b1.txt" 2>&1; echo "profile rc=$?"; sed -n "/decode steps:/,\$p" "$out/profile-fp8-b1.txt" | cut -c1-160 | head -30 ;;
     short) for q in bf16 fp8; do
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
         BENCH_TIMEOUT=150 bench "tp128-$q-8192" throughput x "${common[@]}" "${quant[@]}" --max-batch-size 1024 --num-requests 8192 \
           --input-len 128 --output-len 128; done ;;
-    long) for q in bf16 fp8; do  # the engine's default batch: at 1,024 the KV cache holds < half at full length
+    long) for q in ${QUANTS:-bf16 fp8}; do  # the engine's default batch: at 1,024 the KV cache holds < half at full length
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
-        BENCH_TIMEOUT=300 bench "tp1000-$q-2048" throughput x "${common[@]}" "${quant[@]}" --num-requests 2048 \
+        BENCH_TIMEOUT=${LONG_TIMEOUT:-300} bench "tp1000-$q-2048" throughput x "${common[@]}" "${quant[@]}" --num-requests 2048 \
           --input-len 1000 --output-len 1000; done ;;
     hf) BENCH_TIMEOUT=200 bench tp128-vs-hf throughput x "${common[@]}" --backend hf --hf-batch-size 256 \
         --num-requests 512 --input-len 128 --output-len 128 ;;

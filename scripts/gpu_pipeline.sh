@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 9 on a 4-GPU device machine: the pipeline GPU tests on 2 GPUs (PP=2 with each stage's decode
+# graphs; tests2 also runs the bf16 TP=2 test, its log searched for shutdown warnings) and on 4 (TP=2 x
+# PP=2: tests4), batch-1 latency of the Llama-3-8B shape at TP=1, TP=2 and PP=2 (TP=2 again with the
+# dense GEMV off and with PDL off), a TP=2 batch-1 profile, and `kiln bench throughput` of the
+# Llama-3-70B shape at TP=4 and at TP=2 x PP=2 (70b). Results land in $OUT. Steps on 2 GPUs can run
+# beside each other with CUDA_VISIBLE_DEVICES=0,1 and 2,3.
+#   OUT=/tmp/r bash scripts/gpu_pipeline.sh [tests2] [latency] [profile] [tests4] [70b]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=/tmp/kiln-pipeline
+source scripts/device_env.sh
+nvidia-smi topo -m >"$out/topology.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
+triton.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())" | tee "$out/versions.txt"
+nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 | tee -a "$out/versions.txt"
+bench() {  # name, then kiln bench args (env vars set by the caller apply)
+  local name=$1; shift
+  local t0=$SECONDS
+  timeout ${BENCH_TIMEOUT:-120} python3 -m kiln.cli.main bench "$@" -o "$out/$name" --force \
+    >"$out/$name.json" 2>"$out/$name.log"
+  echo "$name rc=$? $((SECONDS - t0)) s"
+}
+tests=tests/runtime/test_tensor_parallel_gpu.py
+latency=(latency x --dummy-weights --preset llama-3-8b --ignore-eos --json --batch-size 1 --num-requests 3
+  --input-len 128 --output-len 256)
+pytest_step() {  # name, then test ids
+  local name=$1; shift
+  local t0=$SECONDS
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -v -p no:cacheprovider -rs "$@" >"$out/pytest-$name.log" 2>&1
+  echo "$name rc=$? $((SECONDS - t0)) s: $(tail -1 "$out/pytest-$name.log")"
+  grep -E "PASSED|FAILED|ERROR" "$out/pytest-$name.log" | cut -c1-160 | head -10
+  echo "warnings in the log: $(grep -ciE 'warn' "$out/pytest-$name.log")"; grep -iE 'warn' "$out/pytest-$name.log" | head -5
+}
+for step in ${*:-tests2 latency profile tests4 70b}; do
+  case $step in
+    tests2) pytest_step tests2 "$tests::test_gpu_pp2_bf16_greedy_tokens_agree_with_one_gpu" \
+        "$tests::test_gpu_tp_bf16_greedy_tokens_agree_with_one_gpu[2]" ;;
+    tests4) pytest_step tests4 "$tests::test_gpu_tp2_pp2_bf16_greedy_tokens_agree_with_one_gpu" ;;
+    latency)
+      bench latency-bf16-tp1 "${latency[@]}"
+      bench latency-bf16-tp2 "${latency[@]}" --tp-size 2
+      KILN_DISABLE_DENSE_GEMV=1 bench latency-bf16-tp2-cublas "${latency[@]}" --tp-size 2
+      KILN_DISABLE_PDL=1 bench latency-bf16-tp2-nopdl "${latency[@]}" --tp-size 2
+      bench latency-bf16-pp2 "${latency[@]}" --pp-size 2 ;;
+    profile) timeout 150 python3 scripts/profile_engine.py --num-requests 1 --output-len 256 --max-batch-size 1 \
+        --tp-size 2 --top 30 >"$out/profile-b1-tp2.txt" 2>&1
+      echo "profile tp2 rc=$? $(grep 'output tok/s' "$out/profile-b1-tp2.txt")" ;;
+    70b) for layout in "--tp-size 4" "--tp-size 2 --pp-size 2"; do
+        name="throughput-70b-bf16-$(echo "$layout" | tr -d ' -' | sed 's/size//g')"
+        BENCH_TIMEOUT=${BIG_TIMEOUT:-170} bench "$name" throughput x --dummy-weights --preset llama-3-70b --ignore-eos \
+          --json $layout --num-requests ${NUM_REQUESTS:-1024} --input-len 128 --output-len 128
+      done ;;
+  esac
+done
+python3 scripts/summarize_bench.py "$out"
