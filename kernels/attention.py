@@ -7,7 +7,7 @@ paged-attention kernels are tested against it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -27,6 +27,9 @@ class AttentionMetadata:
     # Host copies of cu_seqlens_q / seq_lens, so the reference path never reads device tensors back.
     cu_seqlens_q_host: list[int]
     seq_lens_host: list[int]
+    # Device tensors derived from the host lists, made by the first layer that needs them and reused by the
+    # others (e.g. the prefill kernel's tile list: one host-to-device copy a step instead of one a layer).
+    derived: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

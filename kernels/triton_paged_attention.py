@@ -121,6 +121,6 @@ def triton_paged_attention(
         prefill_attention(
             q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.cu_seqlens_q,
             metadata.cu_seqlens_q_host, metadata.seq_lens_host, out,
-            scale=scale, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
+            scale=scale, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, derived=metadata.derived,
         )  # fmt: skip
     return out

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.core.host_transfer import to_device
 from kiln.kernels.triton_decode_attention import NO_WINDOW
 
 
@@ -134,24 +135,27 @@ def prefill_attention(
     sliding_window: int | None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    derived: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Each sequence's new queries over its whole cached context: q, out [num_tokens, num_heads, head_dim].
 
-    The caches hold k / k_scale and v / v_scale (1 unless FP8).
+    The caches hold k / k_scale and v / v_scale (1 unless FP8). `derived` (the step metadata's) keeps the
+    tile list on the device for the other layers of the step.
     """
     # caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32
     _, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     max_query_len = max(e - b for b, e in zip(cu_seqlens_q_host[:-1], cu_seqlens_q_host[1:]))
     block_m = prefill_block_m(max_query_len)
-    tiles_host = torch.tensor(build_tiles(cu_seqlens_q_host, seq_lens_host, block_m), dtype=torch.int32)
-    num_tiles = tiles_host.shape[1]
+    key = f"prefill_tiles_{block_m}"
+    tiles = None if derived is None else derived.get(key)
+    if tiles is None:
+        tiles = to_device(build_tiles(cu_seqlens_q_host, seq_lens_host, block_m), torch.int32, q.device)
+        if derived is not None:
+            derived[key] = tiles
+    num_tiles = tiles.shape[1]
     if num_tiles == 0:
         return
-    # Pinned + non_blocking: the copy does not wait for the GPU to drain.
-    if q.device.type == "cuda":
-        tiles_host = tiles_host.pin_memory()
-    tiles = tiles_host.to(q.device, non_blocking=True)
     block_d = triton.next_power_of_2(head_dim)
     _prefill_kernel[(num_heads, num_tiles)](
         q,
