@@ -1,9 +1,11 @@
 """Load against a running OpenAI-compatible server: fixed concurrency or Poisson arrivals, streamed completions.
 
 Each request sends its prompt as token ids to /v1/completions with `stream`, `max_tokens`,
-`ignore_eos` and `stream_options.include_usage`, and records when every chunk arrived. A chunk is
-counted as one token; when the final usage reports more completion tokens than chunks (a server that
-batches tokens into chunks), the extra tokens are counted at the last chunk's time.
+`ignore_eos`, `stream_options.include_usage` and `return_token_ids` (vLLM's extension), and records when
+every chunk arrived. A chunk counts as many tokens as its `token_ids` hold; from a server that ignores
+return_token_ids, a chunk with text counts as one token. When the final usage reports more completion
+tokens than were counted (a server that batches tokens into chunks), the extra tokens are counted at the
+last chunk's time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from kiln.bench.metrics import RequestTrace
 from kiln.bench.workload import BenchRequest
 
 
+def _chunk_tokens(choice) -> int:
+    """Tokens a streamed choice carries: its `token_ids` where the server returns them (kiln and vLLM with
+    return_token_ids; also counts tokens whose text is empty), else one per chunk with text."""
+    token_ids = getattr(choice, "token_ids", None)
+    if token_ids is not None:
+        return len(token_ids)
+    return 1 if choice.text else 0
+
+
 async def _one(client, model: str, request: BenchRequest, ignore_eos: bool) -> RequestTrace:
     start = time.perf_counter()
     times: list[float] = []
@@ -24,12 +35,13 @@ async def _one(client, model: str, request: BenchRequest, ignore_eos: bool) -> R
     try:
         stream = await client.completions.create(
             model=model, prompt=list(request.prompt_token_ids), max_tokens=request.output_len, stream=True,
-            temperature=1.0, stream_options={"include_usage": True}, extra_body={"ignore_eos": ignore_eos},
+            temperature=1.0, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": ignore_eos, "return_token_ids": True},
         )  # fmt: skip
         async for chunk in stream:
             now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].text:
-                times.append(now)
+            if chunk.choices:
+                times += [now] * _chunk_tokens(chunk.choices[0])
             if chunk.usage is not None:
                 reported = chunk.usage.completion_tokens
     except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash of the benchmark

@@ -237,12 +237,15 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
             base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                     "model": model}  # fmt: skip
             num_choices = params.n * len(prompts)
-            events = stream_completion(streams, base, num_choices, tokenizer, body.include_usage, chat, top_n, finished)
+            events = stream_completion(
+                streams, base, num_choices, tokenizer, body.include_usage, chat, top_n, finished,
+                token_ids=body.return_token_ids,
+            )  # fmt: skip
             return StreamingResponse(events, media_type="text/event-stream")
         outputs = await collect_or_abort(http, streams)
         if chat:
-            return chat_body(request_id, model, outputs[0], tokenizer, top_n)
-        return completion_body(request_id, model, outputs, tokenizer)
+            return chat_body(request_id, model, outputs[0], tokenizer, top_n, body.return_token_ids)
+        return completion_body(request_id, model, outputs, tokenizer, body.return_token_ids)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:

@@ -42,6 +42,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extension: every choice (every streamed chunk's choice) also carries its new token ids, so a
+    # client can count tokens exactly, also from a model without a tokenizer (whose text stays empty).
+    return_token_ids: bool = False
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Our SamplingParams (which validates the combination once more)."""

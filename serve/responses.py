@@ -73,8 +73,10 @@ def chat_logprobs(tokenizer: Any, completion: CompletionOutput, start: int, top_
     return {"content": content}
 
 
-def completion_body(request_id: str, model: str, outputs: list[RequestOutput], tokenizer: Any) -> dict[str, Any]:
-    """Non-streamed /v1/completions body: n choices per prompt, indexed prompt-major."""
+def completion_body(
+    request_id: str, model: str, outputs: list[RequestOutput], tokenizer: Any, token_ids: bool = False
+) -> dict[str, Any]:
+    """Non-streamed /v1/completions body: n choices per prompt, indexed prompt-major (`token_ids`: with them)."""
     choices = []
     for prompt_index, output in enumerate(outputs):
         for completion in output.outputs:
@@ -82,17 +84,21 @@ def completion_body(request_id: str, model: str, outputs: list[RequestOutput], t
                 "index": prompt_index * len(output.outputs) + completion.index, "text": completion.text,
                 "logprobs": completion_logprobs(tokenizer, completion, 0, 0),
                 "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+                **({"token_ids": list(completion.token_ids)} if token_ids else {}),
             })  # fmt: skip
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage_of(outputs)}  # fmt: skip
 
 
-def chat_body(request_id: str, model: str, output: RequestOutput, tokenizer: Any, top_n: int) -> dict[str, Any]:
-    """Non-streamed /v1/chat/completions body."""
+def chat_body(
+    request_id: str, model: str, output: RequestOutput, tokenizer: Any, top_n: int, token_ids: bool = False
+) -> dict[str, Any]:
+    """Non-streamed /v1/chat/completions body (`token_ids`: each choice with its token ids)."""
     choices = [{
         "index": completion.index, "message": {"role": "assistant", "content": completion.text},
         "logprobs": chat_logprobs(tokenizer, completion, 0, top_n),
         "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+        **({"token_ids": list(completion.token_ids)} if token_ids else {}),
     } for completion in output.outputs]  # fmt: skip
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage_of([output])}  # fmt: skip

@@ -50,8 +50,13 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
 async def stream_completion(
     streams: list[AsyncIterator[RequestOutput]], base: dict[str, Any], num_choices: int, tokenizer: Any,
     include_usage: bool, chat: bool, top_n: int, on_finished: Callable[[RequestOutput], None],
+    token_ids: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """SSE lines of a streamed completions or chat-completions response."""
+    """SSE lines of a streamed completions or chat-completions response.
+
+    A choice gets a chunk when it has new text or has finished; with `token_ids` (the request's
+    return_token_ids) also when it has new tokens only, and its chunks carry them.
+    """
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
     finished: list[RequestOutput] = []
@@ -65,17 +70,21 @@ async def stream_completion(
             index = prompt_index * len(output.outputs) + completion.index
             text_start, token_start = sent_text.get(index, 0), sent_tokens.get(index, 0)
             new_text = completion.text[text_start:]
-            if not new_text and completion.finish_reason is None:
+            new_tokens = completion.token_ids[token_start:] if token_ids else []
+            if not new_text and not new_tokens and completion.finish_reason is None:
                 continue
             sent_text[index], sent_tokens[index] = len(completion.text), len(completion.token_ids)
             if chat:
-                choices.append({"index": index, "delta": {"content": new_text},
-                                "logprobs": chat_logprobs(tokenizer, completion, token_start, top_n),
-                                "finish_reason": completion.finish_reason})  # fmt: skip
+                choice = {"index": index, "delta": {"content": new_text},
+                          "logprobs": chat_logprobs(tokenizer, completion, token_start, top_n),
+                          "finish_reason": completion.finish_reason}  # fmt: skip
             else:
-                choices.append({"index": index, "text": new_text,
-                                "logprobs": completion_logprobs(tokenizer, completion, token_start, text_start),
-                                "finish_reason": completion.finish_reason})  # fmt: skip
+                choice = {"index": index, "text": new_text,
+                          "logprobs": completion_logprobs(tokenizer, completion, token_start, text_start),
+                          "finish_reason": completion.finish_reason}  # fmt: skip
+            if token_ids:
+                choice["token_ids"] = list(new_tokens)
+            choices.append(choice)
         if output.finished:
             finished.append(output)
             on_finished(output)

@@ -107,6 +107,28 @@ def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, 
     assert (out / "throughput_vs_concurrency.png").is_file()
 
 
+def test_bench_serve_counts_the_tokens_of_a_model_without_tokenizer(
+    tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # Random weights from a config alone, as the GPU benchmarks serve them: no tokenizer, so every streamed
+    # text is empty; the chunks carry their token ids (return_token_ids) and each token counts.
+    from live_server import API_KEY, start_server, stop_server
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))  # the server process inherits it
+    config = tmp_path / "config.json"
+    shutil.copyfile(tiny_checkpoint / "config.json", config)
+    live = start_server(config, "--dummy-weights")
+    try:
+        args = ["bench", "serve", "--url", live.url, "--concurrency", "2", "--num-requests", "4", "--input-len", "8"]
+        code, stdout, err = invoke(capsys, *args, "--output-len", "5", "--vocab-size", "320", "--api-key", API_KEY,
+                                   "--json")  # fmt: skip
+    finally:
+        stop_server(live)
+    assert code == 0, err
+    run = json.loads(stdout)["runs"]["2"]
+    assert run["completed"] == 4 and run["output_tokens"] == 20 and run["itl_ms"]["count"] == 4 * 4
+
+
 def test_jsonl_and_sharegpt_workloads(tmp_path: Path) -> None:
     from tiny_models import make_tiny_tokenizer
 

@@ -62,6 +62,19 @@ def test_streamed_completion_matches_the_unstreamed_one(client) -> None:
     assert chunks[-1].usage.total_tokens == full.usage.total_tokens and not chunks[-1].choices
 
 
+def test_return_token_ids_in_streamed_and_full_completions(client) -> None:
+    # vLLM's extension: each choice, and each streamed chunk's choice, carries its (new) token ids.
+    ask = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 10, "temperature": 0}
+    full = client.completions.create(**ask, extra_body={"return_token_ids": True})
+    token_ids = full.choices[0].token_ids
+    assert len(token_ids) == full.usage.completion_tokens and all(isinstance(t, int) for t in token_ids)
+    chunks = list(client.completions.create(**ask, stream=True, extra_body={"return_token_ids": True}))
+    assert [t for chunk in chunks for choice in chunk.choices for t in choice.token_ids] == token_ids
+    assert "".join(choice.text for chunk in chunks for choice in chunk.choices) == full.choices[0].text
+    plain = client.completions.create(**ask)
+    assert getattr(plain.choices[0], "token_ids", None) is None  # only when asked
+
+
 def test_streamed_chat(client) -> None:
     stream = client.chat.completions.create(
         model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True
