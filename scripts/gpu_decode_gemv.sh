@@ -6,7 +6,8 @@
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024), the ratio to
 # transformers (hf), and process start to first token of bf16/fp8/int4-awq engines on disk (start).
 #   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
-# LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge int4-awq" picks the latency runs.
+# LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge int4-awq" picks the
+# latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=/tmp/kiln-decode-gemv
@@ -15,13 +16,6 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 triton.__version__, torch.cuda.get_device_name())" | tee "$out/versions.txt"
 nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 | tee -a "$out/versions.txt"
 common=(--dummy-weights --preset llama-3-8b --ignore-eos --json)
-bench() {  # name, then kiln bench args (env vars set by the caller apply)
-  local name=$1; shift
-  local t0=$SECONDS
-  timeout ${BENCH_TIMEOUT:-120} python3 -m kiln.cli.main bench "$@" -o "$out/$name" --force \
-    >"$out/$name.json" 2>"$out/$name.log"
-  echo "$name rc=$? $((SECONDS - t0)) s"
-}
 for step in ${*:-tests perf latency batch}; do
   case $step in
     tests) t0=$SECONDS
@@ -32,6 +26,10 @@ for step in ${*:-tests perf latency batch}; do
 $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
       grep -E "FAILED|Error" "$out/pytest.log" | head -20 ;;
     gputests) t0=$SECONDS  # every GPU-marked test (multi-GPU ones skip on one GPU): parity with every kernel on
+      if ls .whl/*.whl >/dev/null 2>&1; then  # the server tests' packages, carried (scripts/fetch_serve_wheels.sh)
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+        export PYTHONPATH="$PYTHONPATH:/tmp/site"
+      fi
       timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu -rs -k "not builtin and not gguf" \
         tests >"$out/pytest-gpu.log" 2>&1
       echo "gputests rc=$? $((SECONDS - t0)) s: $(tail -1 "$out/pytest-gpu.log")"

@@ -14,13 +14,6 @@ nvidia-smi topo -m >"$out/topology.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name())" | tee "$out/versions.txt"
 nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1 | tee -a "$out/versions.txt"
-bench() {  # name, then kiln bench args (env vars set by the caller apply)
-  local name=$1; shift
-  local t0=$SECONDS
-  timeout ${BENCH_TIMEOUT:-120} python3 -m kiln.cli.main bench "$@" -o "$out/$name" --force \
-    >"$out/$name.json" 2>"$out/$name.log"
-  echo "$name rc=$? $((SECONDS - t0)) s"
-}
 tests=tests/runtime/test_tensor_parallel_gpu.py
 latency=(latency x --dummy-weights --preset llama-3-8b --ignore-eos --json --batch-size 1 --num-requests 3
   --input-len 128 --output-len 256)
@@ -34,9 +27,9 @@ pytest_step() {  # name, then test ids
 }
 for step in ${*:-tests2 latency profile tests4 70b}; do
   case $step in
-    tests2) pytest_step tests2 "$tests::test_gpu_pp2_bf16_greedy_tokens_agree_with_one_gpu" \
+    tests2) pytest_step tests2 "$tests::test_gpu_pipeline_bf16_greedy_tokens_agree_with_one_gpu[pp2]" \
         "$tests::test_gpu_tp_bf16_greedy_tokens_agree_with_one_gpu[2]" ;;
-    tests4) pytest_step tests4 "$tests::test_gpu_tp2_pp2_bf16_greedy_tokens_agree_with_one_gpu" ;;
+    tests4) pytest_step tests4 "$tests::test_gpu_pipeline_bf16_greedy_tokens_agree_with_one_gpu[tp2-pp2]" ;;
     latency)
       bench latency-bf16-tp1 "${latency[@]}"
       bench latency-bf16-tp2 "${latency[@]}" --tp-size 2

@@ -1,7 +1,8 @@
 """Timing of the Triton paged-attention kernels (not collected by pytest): run it as a script on a GPU.
 
 Decode: 64 sequences x 2048 context, Llama-3-8B heads (32 q / 8 kv, head_dim 128), bf16, block 16,
-against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick).
+against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick); then 256 x 1024
+with an FP8 cache and with a bf16 one.
 Prefill: 4 prompts x 2048 tokens against causal SDPA on contiguous tensors.
 """
 
@@ -39,12 +40,14 @@ def row(name: str, ms: float, num_bytes: float | None = None, flops: float | Non
     print(f"{name:<48} {ms * 1000:10.1f} us{extra}")
 
 
-def decode_table(num_seqs: int = 64, context_len: int = 2048) -> None:
+def decode_table(num_seqs: int = 64, context_len: int = 2048, cache_dtype: torch.dtype = torch.bfloat16) -> None:
     num_heads, num_kv_heads, head_dim = HEADS
-    case = make_case([1] * num_seqs, [context_len] * num_seqs, HEADS, torch.bfloat16, 16, seed=0)
+    case = make_case(
+        [1] * num_seqs, [context_len] * num_seqs, HEADS, torch.bfloat16, 16, seed=0, cache_dtype=cache_dtype
+    )
     scale = 1 / math.sqrt(head_dim)
-    kv_bytes = 2 * num_seqs * context_len * num_kv_heads * head_dim * 2  # K and V, bf16
-    print(f"decode: {num_seqs} seqs x {context_len} context, heads {HEADS}, bf16, block 16")
+    kv_bytes = 2 * num_seqs * context_len * num_kv_heads * head_dim * cache_dtype.itemsize  # K and V
+    print(f"decode: {num_seqs} seqs x {context_len} context, heads {HEADS}, bf16 queries, {cache_dtype} cache")
     md = case.metadata
 
     def paged(num_splits=None):
@@ -74,6 +77,8 @@ def decode_table(num_seqs: int = 64, context_len: int = 2048) -> None:
     ref = lambda: reference_attention(  # noqa: E731
         case.q, case.k, case.v, md, scale=scale, sliding_window=None, k_cache=k_cache, v_cache=v_cache
     )
+    if cache_dtype != torch.bfloat16:
+        return  # the yardsticks below are bf16
     row("reference_attention (PyTorch loop, fp32)", bench(ref), kv_bytes)
     q = case.q.contiguous().view(num_seqs, num_heads, 1, head_dim)
     k = torch.randn(num_seqs, num_kv_heads, context_len, head_dim, device="cuda", dtype=torch.bfloat16)
@@ -107,4 +112,6 @@ def prefill_table(num_seqs: int = 4, prompt_len: int = 2048) -> None:
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     decode_table()
+    decode_table(256, 1024, torch.float8_e4m3fn)  # a 1000/1000 step's shape, FP8 cache
+    decode_table(256, 1024)
     prefill_table()

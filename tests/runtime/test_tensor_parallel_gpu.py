@@ -98,14 +98,23 @@ def test_gpu_pp2_fp32_tokens_and_prompt_logprobs_equal_one_gpu(sharp_model: Path
     _check_fp32_tokens_and_prompt_logprobs(sharp_model, tp_size=1, pp_size=2)
 
 
-@_needs_gpus(2)
-def test_gpu_pp2_bf16_greedy_tokens_agree_with_one_gpu(counting_model: Path) -> None:
-    # Each stage replays its own captured decode graphs: 20 sequences a step make micro-batches of 10 rows,
-    # padded to the 16-row graph, whose hidden states and residual go to the next stage outside the graph.
+PIPELINES = [  # (tp_size, pp_size, max_batch_size)
+    # 20 sequences a step make micro-batches of 10 rows, padded to the 16-row graph.
+    pytest.param(1, 2, 20, marks=_needs_gpus(2), id="pp2"),
+    pytest.param(2, 2, 32, marks=_needs_gpus(4), id="tp2-pp2"),
+]
+
+
+@pytest.mark.parametrize("tp_size,pp_size,max_batch_size", PIPELINES)
+def test_gpu_pipeline_bf16_greedy_tokens_agree_with_one_gpu(
+    counting_model: Path, tp_size: int, pp_size: int, max_batch_size: int
+) -> None:
+    # Each stage replays its own captured decode graphs (holding its TP all-reduces); the hidden states and
+    # residual go to the next stage outside the graphs.
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    options = {"device": "cuda", "dtype": "bf16", "max_batch_size": 20}
+    options = {"device": "cuda", "dtype": "bf16", "max_batch_size": max_batch_size}
     expected = _one_gpu_outputs(counting_model, _counting_prompts(), params, options)
-    got = _tp_outputs(counting_model, _counting_prompts(), params, options, tp_size=1, pp_size=2)
+    got = _tp_outputs(counting_model, _counting_prompts(), params, options, tp_size=tp_size, pp_size=pp_size)
     assert _token_agreement([r.token_ids for r in got], [r.token_ids for r in expected]) >= 0.99
 
 
@@ -120,15 +129,6 @@ def _check_fp32_tokens_and_prompt_logprobs(model: Path, tp_size: int, pp_size: i
     for ours, theirs in zip(got, expected):
         for a, b in zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
             assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a)
-
-
-@_needs_gpus(4)
-def test_gpu_tp2_pp2_bf16_greedy_tokens_agree_with_one_gpu(counting_model: Path) -> None:
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    options = {"device": "cuda", "dtype": "bf16", "max_batch_size": 32}
-    expected = _one_gpu_outputs(counting_model, _counting_prompts(), params, options)
-    got = _tp_outputs(counting_model, _counting_prompts(), params, options, tp_size=2, pp_size=2)
-    assert _token_agreement([r.token_ids for r in got], [r.token_ids for r in expected]) >= 0.99
 
 
 _KILL_MID_RUN = """
