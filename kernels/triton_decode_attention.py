@@ -26,8 +26,18 @@ from kiln.kernels.triton_split_k import MAX_TILES, num_sms, tile_counters
 def _merge_in_kernel() -> bool:
     """KILN_DECODE_MERGE_IN_KERNEL=1: the split kernel's last program merges the splits (no merge launch).
 
-    Off until timed and tested on a GPU (written and checked in the Triton interpreter only)."""
+    Off: tested on an H200, it made the fp8 batch-1 TPOT slower (3.37 against 3.13 ms)."""
     return os.environ.get("KILN_DECODE_MERGE_IN_KERNEL") == "1"
+
+
+def _fp8_cache_as_fp16() -> bool:
+    """KILN_DECODE_FP8_AS_FP16=1: an FP8 cache's keys and values become fp16 for the products, not bf16.
+
+    E4M3 to fp16 is one hardware conversion per pair of values. With the conversion to bf16 an FP8 cache
+    was read at 1.7 TB/s against a bf16 cache's 4.1 (H200, 256 sequences of ~1,000 tokens): the kernel
+    was slower with the cache of half the bytes. Off until timed and tested on a GPU (written and checked
+    in the Triton interpreter only: relative error 3.5e-3 against an fp32 reference, bf16 output)."""
+    return os.environ.get("KILN_DECODE_FP8_AS_FP16") == "1"
 
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys per program than this and the merge costs more than it gains
@@ -69,6 +79,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     WRITE_OUT: tl.constexpr,
     MERGE_IN_KERNEL: tl.constexpr,
+    FP8_AS_FP16: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
@@ -90,6 +101,12 @@ def _decode_split_kernel(
     q_mask = (g[:, None] < group_size) & (d[None, :] < head_dim)
     # [BLOCK_G, BLOCK_D]; in a decode step token i belongs to sequence i.
     q = tl.load(q_ptr + seq * stride_q_t + heads[:, None] * stride_q_h + d[None, :], mask=q_mask, other=0.0)
+    if FP8_AS_FP16:  # products in fp16 (see _fp8_cache_as_fp16); the query clamped into fp16's range
+        dot_dtype: tl.constexpr = tl.float16
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0)
+    else:
+        dot_dtype: tl.constexpr = q_ptr.dtype.element_ty
+    q = q.to(dot_dtype)
 
     # A finite start for the running max keeps exp2(m_old - m_new) free of inf - inf.
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
@@ -105,7 +122,7 @@ def _decode_split_kernel(
         kv_mask = valid[:, None] & (d[None, :] < head_dim)
         k_off = block[:, None] * stride_k_b + row[:, None] * stride_k_s + kv_head * stride_k_h + d[None, :]
         k = tl.load(k_cache_ptr + k_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.dot(q, tl.trans(k.to(dot_dtype))) * scale_log2  # [BLOCK_G, BLOCK_N], log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -113,7 +130,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = block[:, None] * stride_v_b + row[:, None] * stride_v_s + kv_head * stride_v_h + d[None, :]
         v = tl.load(v_cache_ptr + v_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype))
         m_i = m_new
 
     acc = acc * v_scale  # the cache holds v / v_scale (1 unless FP8); the merge below is linear in it
@@ -261,6 +278,7 @@ def decode_attention(
         BLOCK_D=block_d,
         WRITE_OUT=num_splits == 1,
         MERGE_IN_KERNEL=merge_in_kernel,
+        FP8_AS_FP16=k_cache.dtype == torch.float8_e4m3fn and _fp8_cache_as_fp16(),
         USE_PDL=pdl,
         num_warps=4,
         num_stages=2,

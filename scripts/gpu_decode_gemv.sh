@@ -5,7 +5,7 @@
 # batch-1 step, 128/128 throughput at two engine batch sizes (batch) or with 8,192 requests (short), and
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024), the ratio to
 # transformers (hf), and process start to first token of bf16/fp8/int4-awq engines on disk (start).
-#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
+#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
 # LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge int4-awq" picks the
 # latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
 set -uo pipefail
@@ -38,6 +38,10 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         quant=(); [ $q = fp8 ] && quant=(--quantization fp8)
         timeout 120 python3 scripts/profile_prefill.py "${quant[@]}" --input-len ${PREFILL_LEN:-128} --top 20 \
           >"$out/prefill-$q.txt" 2>&1; echo "prefill $q rc=$?"; grep -E "^prefill|^GPU" "$out/prefill-$q.txt"; done ;;
+    attn) for fp16 in 0 1; do  # decode attention timing, the FP8 cache's products in bf16 then in fp16
+        KILN_DECODE_FP8_AS_FP16=$fp16 timeout 120 python3 tests/kernels/perf_triton_attention.py \
+          >"$out/attn-fp8-as-fp16-$fp16.txt" 2>&1; echo "attn KILN_DECODE_FP8_AS_FP16=$fp16 rc=$?"
+        grep -A6 "float8" "$out/attn-fp8-as-fp16-$fp16.txt"; done ;;
     perf) timeout ${PERF_TIMEOUT:-260} python3 tests/kernels/perf_quantized_gemm.py --sweep 2>&1 | tee "$out/perf.txt" \
       | grep -v "OutOfResources" ;;
     dense) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_dense_gemv.py --sweep 2>&1 | tee "$out/dense.txt" \

@@ -219,8 +219,11 @@ def test_store_kv_fp8_matches_reference_exactly(kv_scales):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8_as_fp16", [False, True])
 @pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.5, 0.25)])
-def test_fp8_kv_cache_decode_and_prefill(kv_scales):
+def test_fp8_kv_cache_decode_and_prefill(kv_scales, fp8_as_fp16, monkeypatch):
+    # fp8_as_fp16: the decode kernel's products in fp16 (KILN_DECODE_FP8_AS_FP16=1).
+    monkeypatch.setenv("KILN_DECODE_FP8_AS_FP16", "1" if fp8_as_fp16 else "0")
     rng = random.Random(10)
     decode_lens = random_lengths(rng, 16, 1, 3000)
     case = make_case([1] * 16, decode_lens, LLAMA3, BF16, 16, seed=10, cache_dtype=FP8)
