@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
-from kiln.kernels.triton_split_k import check_tiles, num_sms, reduce_split_k, split_k_plan, tile_counters
+from kiln.kernels.triton_split_k import reduce_split_k, split_k_launch, tile_counters
 
 MAX_ROWS = 16  # one tensor-core tile of rows ("dot"); "fma" unrolls one multiply-and-sum per row
 VARIANTS = ("dot", "fma")
@@ -128,20 +128,16 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         bias = bias.contiguous()
     use_dot = config["variant"] == "dot"
     block_n, block_k = config["block_n"], config["block_k"]
-    k_per_split, split_k = split_k_plan(n, k, block_n, block_k, config["programs_per_sm"] * num_sms(x.device))
-    num_tiles = triton.cdiv(n, block_n)
-    check_tiles(num_tiles)
-    # [split_k, M, N] fp32 partials, summed in split order by each tile's last program.
-    partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    launch = split_k_launch(x, n, k, block_n, block_k, config["programs_per_sm"])
+    partial, out = launch.partial, launch.out
     rows_padded = triton.next_power_of_2(num_rows)
     # At least 16 split slots in the reduction: one compiled kernel serves every layer of up to 16 splits
     # (fewer JIT compilations at warm-up and in a tuning sweep); the unused slots are masked out.
-    block_s = max(16, triton.next_power_of_2(split_k))
+    block_s = max(16, triton.next_power_of_2(launch.num_splits))
     pdl = use_pdl(x.device)
-    _dense_gemv_kernel[(num_tiles, split_k)](
+    _dense_gemv_kernel[launch.grid](
         x, weight, bias if bias is not None else out, partial, tile_counters(x.device), out,
-        num_rows, n, k, k_per_split, split_k, x.stride(0), weight.stride(0),
+        num_rows, n, k, launch.k_per_split, launch.num_splits, x.stride(0), weight.stride(0),
         partial.stride(1), partial.stride(0), out.stride(0),
         NUM_ROWS=num_rows, BLOCK_M=max(16, rows_padded) if use_dot else rows_padded, BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_S=block_s, NUM_STAGES=config["num_stages"],

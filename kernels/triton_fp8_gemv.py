@@ -18,7 +18,7 @@ import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_fp8_quant import FP8_E4M3_MAX
-from kiln.kernels.triton_split_k import check_tiles, num_sms, reduce_split_k, split_k_plan, tile_counters
+from kiln.kernels.triton_split_k import reduce_split_k, split_k_launch, tile_counters
 
 MAX_ROWS = 16  # one tensor-core tile of rows
 # Module level so a tuning sweep (tests/kernels/perf_quantized_gemm.py --sweep) can change them. Swept on
@@ -106,18 +106,15 @@ def fp8_gemv(
         x = x.contiguous()
     config = FP8_GEMV_CONFIG
     block_n, block_k = config["block_n"], config["block_k"]
-    k_per_split, split_k = split_k_plan(n, k, block_n, block_k, config["programs_per_sm"] * num_sms(x.device))
-    num_tiles = triton.cdiv(n, block_n)
-    check_tiles(num_tiles)
-    partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    launch = split_k_launch(x, n, k, block_n, block_k, config["programs_per_sm"])
+    partial, out = launch.partial, launch.out
     pdl = use_pdl(x.device)
-    _fp8_gemv_kernel[(num_tiles, split_k)](
+    _fp8_gemv_kernel[launch.grid](
         x, weight, input_scale, channel_scale, bias if bias is not None else channel_scale, partial,
-        tile_counters(x.device), out, num_rows, n, k, k_per_split, split_k,
+        tile_counters(x.device), out, num_rows, n, k, launch.k_per_split, launch.num_splits,
         x.stride(0), weight.stride(0), partial.stride(1), partial.stride(0), out.stride(0),
         NUM_ROWS=num_rows, BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None, USE_PDL=pdl,
+        BLOCK_S=triton.next_power_of_2(launch.num_splits), HAS_BIAS=bias is not None, USE_PDL=pdl,
         num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -14,6 +14,7 @@ kernels replay correctly from CUDA graphs, and each call leaves it zeroed again.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -100,3 +101,30 @@ def split_k_plan(n: int, k: int, block_n: int, block_k: int, programs: int) -> t
     split_k = max(1, min(programs // triton.cdiv(n, block_n), k_steps))
     k_per_split = triton.cdiv(k_steps, split_k) * block_k
     return k_per_split, triton.cdiv(k, k_per_split)
+
+
+@dataclass(frozen=True)
+class SplitKLaunch:
+    """What a split-K GEMV launch needs besides its operands: the plan, the grid and its two buffers."""
+
+    k_per_split: int
+    num_splits: int
+    num_tiles: int
+    partial: torch.Tensor  # [num_splits, rows, N] fp32, summed in split order by each tile's last program
+    out: torch.Tensor  # [rows, N] in the activation's dtype
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(output tiles, splits)."""
+        return self.num_tiles, self.num_splits
+
+
+def split_k_launch(x: torch.Tensor, n: int, k: int, block_n: int, block_k: int, programs_per_sm: int) -> SplitKLaunch:
+    """The plan and buffers of x [rows, K] times an [N, K] weight, about `programs_per_sm` programs an SM."""
+    num_rows = x.shape[0]
+    k_per_split, num_splits = split_k_plan(n, k, block_n, block_k, programs_per_sm * num_sms(x.device))
+    num_tiles = triton.cdiv(n, block_n)
+    check_tiles(num_tiles)
+    partial = torch.empty(num_splits, num_rows, n, dtype=torch.float32, device=x.device)
+    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    return SplitKLaunch(k_per_split, num_splits, num_tiles, partial, out)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
-from kiln.kernels.triton_split_k import check_tiles, num_sms, reduce_split_k, split_k_plan, tile_counters
+from kiln.kernels.triton_split_k import reduce_split_k, split_k_launch, tile_counters
 from kiln.kernels.triton_w4_dequantize import signed_nibbles, signed_nibbles_fp32
 
 MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core tile padding to 16 rows)
@@ -132,21 +132,17 @@ def w4a16_gemv(
     num_rows, k = x.shape
     n = packed.shape[0] * 2
     block_n = GEMV_CONFIG["block_n"]
-    programs = GEMV_CONFIG["programs_per_sm"] * num_sms(x.device)
-    k_per_split, split_k = split_k_plan(n, k, block_n, block_k, programs)
-    num_tiles = triton.cdiv(n, block_n)
-    check_tiles(num_tiles)
-    partial = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
-    out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
+    launch = split_k_launch(x, n, k, block_n, block_k, GEMV_CONFIG["programs_per_sm"])
+    partial, out = launch.partial, launch.out
     pdl = use_pdl(x.device)
-    _w4a16_gemv_kernel[(num_tiles, split_k)](
+    _w4a16_gemv_kernel[launch.grid](
         x, packed, scales, pre_quant_scale if pre_quant_scale is not None else scales,
         bias if bias is not None else scales, partial, tile_counters(x.device), out,
-        n, k, k_per_split, split_k, x.stride(0), packed.stride(0), scales.stride(0),
+        n, k, launch.k_per_split, launch.num_splits, x.stride(0), packed.stride(0), scales.stride(0),
         partial.stride(1), partial.stride(0), out.stride(0),
         NUM_ROWS=num_rows, ROWS=triton.next_power_of_2(num_rows), GROUP_SIZE=group_size,
         HAS_PRE_QUANT_SCALE=pre_quant_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_S=triton.next_power_of_2(split_k), HAS_BIAS=bias is not None,
+        BLOCK_S=triton.next_power_of_2(launch.num_splits), HAS_BIAS=bias is not None,
         FLOAT_NIBBLES=GEMV_CONFIG["float_nibbles"], USE_PDL=pdl,
         num_warps=GEMV_CONFIG["num_warps"], num_stages=GEMV_CONFIG["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
