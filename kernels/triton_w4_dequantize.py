@@ -41,6 +41,47 @@ def signed_nibbles_fp32(packed):
     return low, high
 
 
+# Where word_nibbles leaves each nibble of a little-endian word of 4 packed bytes (4 K positions j, the low
+# nibble an even output row, the high one the odd row): its bit position p, so the float it makes is s * 2**p.
+# Bits 20-31 are first shifted down by 12: a nibble must sit in the 23 mantissa bits.
+LOW_NIBBLE_BITS = (0, 8, 16, 12)  # j = 0..3; j = 3 (bits 24-27) after the shift
+HIGH_NIBBLE_BITS = (4, 12, 8, 16)  # j = 2, 3 (bits 20-23, 28-31) after the shift
+
+
+# One XOR constant for every nibble position p of word_nibbles: the exponent bits of the float 2**23 plus bit
+# p + 3 of each position (0x8 << p), so (word & (0xF << p)) ^ it is 2**23 + (s + 8) * 2**p plus 8 * 2**q for
+# the other positions q (bits that the mask cleared, so they do not overlap the nibble): an exact integer
+# below 2**24, and subtracting NIBBLE_FLOAT_OFFSET leaves s * 2**p exactly. word_nibbles takes it as a
+# run-time argument, so that ptxas keeps it in a register: a LOP3 instruction has room for one immediate,
+# and with both constants known at compile time every nibble took two LOP3s (seen in the SASS).
+NIBBLE_XOR_BITS = 0x4B000000 | 0x88888
+NIBBLE_FLOAT_OFFSET = tl.constexpr(float(2**23 + 0x88888))
+
+
+@triton.jit
+def _nibble_at(word, p: tl.constexpr, xor_bits):
+    """The signed nibble at bits p..p+3 (p <= 16) of an int32 word, times 2**p, as fp32: a LOP3 and a FADD."""
+    bits = (word & (0xF << p)) ^ xor_bits
+    return bits.to(tl.float32, bitcast=True) - NIBBLE_FLOAT_OFFSET
+
+
+@triton.jit
+def word_nibbles(words, xor_bits):
+    """int32 words of 4 packed bytes -> 8 fp32 tensors: low nibbles j = 0..3, then high nibbles j = 0..3.
+
+    Each is s * 2**p for the bit positions in LOW_NIBBLE_BITS / HIGH_NIBBLE_BITS (multiply the matching
+    activation by 2**-p). `xor_bits` is NIBBLE_XOR_BITS, passed at run time (see there). About 2.1
+    instructions a weight, against ~5.5 for bytes unpacked one at a time (byte extraction, sign extension,
+    separate mask, XOR and OR), which kept a CUDA-core GEMV bound by instruction issue.
+    """
+    shifted = (words.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True)
+    return (
+        _nibble_at(words, 0, xor_bits), _nibble_at(words, 8, xor_bits), _nibble_at(words, 16, xor_bits),
+        _nibble_at(shifted, 12, xor_bits), _nibble_at(words, 4, xor_bits), _nibble_at(words, 12, xor_bits),
+        _nibble_at(shifted, 8, xor_bits), _nibble_at(shifted, 16, xor_bits),
+    )  # fmt: skip
+
+
 @triton.jit
 def _dequantize_kernel(
     w_ptr,

@@ -6,7 +6,7 @@
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024), the ratio to
 # transformers (hf), and process start to first token of bf16/fp8/int4-awq engines on disk (start).
 #   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
-# LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge int4-awq" picks the
+# LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge int4-awq int4-awq-bytes" picks the
 # latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +19,8 @@ common=(--dummy-weights --preset llama-3-8b --ignore-eos --json)
 for step in ${*:-tests perf latency batch}; do
   case $step in
     tests) t0=$SECONDS
-      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -v -p no:cacheprovider -m gpu -rs tests/kernels/test_split_k_gemv.py \
-        tests/kernels/test_quantized_gemm.py tests/kernels/test_dense_gemv.py tests/kernels/test_triton_attention.py tests/kernels/test_pdl.py \
+      timeout ${TEST_TIMEOUT:-150} python3 -m pytest -v -p no:cacheprovider -m gpu -rs ${TESTS:-tests/kernels/test_split_k_gemv.py \
+        tests/kernels/test_quantized_gemm.py tests/kernels/test_dense_gemv.py tests/kernels/test_triton_attention.py tests/kernels/test_pdl.py} \
         >"$out/pytest.log" 2>&1
       echo "tests rc=$? $((SECONDS - t0)) s: $(grep -cE '(^| )PASSED' "$out/pytest.log") passed, \
 $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
@@ -38,20 +38,21 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         quant=(); [ $q = fp8 ] && quant=(--quantization fp8)
         timeout 120 python3 scripts/profile_prefill.py "${quant[@]}" --input-len ${PREFILL_LEN:-128} --top 20 \
           >"$out/prefill-$q.txt" 2>&1; echo "prefill $q rc=$?"; grep -E "^prefill|^GPU" "$out/prefill-$q.txt"; done ;;
-    attn) for fp16 in 0 1; do  # decode attention timing, the FP8 cache's products in bf16 then in fp16
+    attn) for fp16 in 0 1; do  # decode attention timing, the FP8 cache's products in bf16 then in fp16 (default)
         KILN_DECODE_FP8_AS_FP16=$fp16 timeout 120 python3 tests/kernels/perf_triton_attention.py \
           >"$out/attn-fp8-as-fp16-$fp16.txt" 2>&1; echo "attn KILN_DECODE_FP8_AS_FP16=$fp16 rc=$?"
         grep -A6 "float8" "$out/attn-fp8-as-fp16-$fp16.txt"; done ;;
-    perf) timeout ${PERF_TIMEOUT:-260} python3 tests/kernels/perf_quantized_gemm.py --sweep 2>&1 | tee "$out/perf.txt" \
+    perf) timeout ${PERF_TIMEOUT:-260} python3 tests/kernels/perf_quantized_gemm.py --sweep ${SWEEP:-} 2>&1 | tee "$out/perf.txt" \
       | grep -v "OutOfResources" ;;
     dense) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_dense_gemv.py --sweep 2>&1 | tee "$out/dense.txt" \
       | grep -v "OutOfResources" ;;
     latency) for run in ${LATENCY:-bf16 bf16-nopdl bf16-cublas bf16-merge fp8 fp8-nopdl fp8-merge int4-awq}; do
-        q=${run%%-cublas}; q=${q%%-merge}; q=${q%%-scaled-mm}; q=${q%%-nopdl}
+        q=${run%%-cublas}; q=${q%%-merge}; q=${q%%-scaled-mm}; q=${q%%-nopdl}; q=${q%%-bytes}
         quant=(); [ "$q" != bf16 ] && quant=(--dummy-quantization "$q")
         ( # the A/B switches (docs/bench.md, "Settings that change the numbers"), for this run only
           case $run in *-cublas) export KILN_DISABLE_DENSE_GEMV=1 ;; *-merge) export KILN_DECODE_MERGE_IN_KERNEL=1 ;;
-            *-scaled-mm) export KILN_DISABLE_FP8_GEMV=1 ;; *-nopdl) export KILN_DISABLE_PDL=1 ;; esac
+            *-scaled-mm) export KILN_DISABLE_FP8_GEMV=1 ;; *-nopdl) export KILN_DISABLE_PDL=1 ;;
+            *-bytes) export KILN_INT4_GEMV_UNPACK=floats ;; esac
           bench "latency-$run" latency x "${common[@]}" "${quant[@]}" --batch-size 1 --num-requests 3 \
             --input-len 128 --output-len 256 )
       done ;;

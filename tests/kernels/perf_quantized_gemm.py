@@ -7,7 +7,7 @@ does not hide the kernels' own speed. Columns marked "before" run the previous s
 `_scaled_mm` after its own quantization kernel (fp8), integer-to-float nibble conversions (int4).
 
     python tests/kernels/perf_quantized_gemm.py          # the table
-    python tests/kernels/perf_quantized_gemm.py --sweep  # launch settings of the decode GEMVs at batch 1
+    python tests/kernels/perf_quantized_gemm.py --sweep [fp8] [int4]  # launch settings of the decode GEMVs at batch 1
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def table() -> None:
             t8 = bench(lambda: fp8_linear(x, w8, input_scale, channel_scale, None, weight_scale))  # noqa: B023
             t4_before = t8_before = float("nan")
             if m <= triton_w4a16_gemv.MAX_ROWS_GEMV:
-                triton_w4a16_gemv.GEMV_CONFIG["float_nibbles"] = False
+                unpack = triton_w4a16_gemv.GEMV_CONFIG["unpack"]
+                triton_w4a16_gemv.GEMV_CONFIG["unpack"] = "floats"  # bytes, the previous default
                 t4_before = bench(lambda: int4_linear(x, packed, scales, None, None))  # noqa: B023
-                triton_w4a16_gemv.GEMV_CONFIG["float_nibbles"] = True
+                triton_w4a16_gemv.GEMV_CONFIG["unpack"] = unpack
             if m <= triton_fp8_gemv.FP8_GEMV_CONFIG["max_rows"]:
                 os.environ["KILN_DISABLE_FP8_GEMV"] = "1"
                 t8_before = bench(lambda: fp8_linear(x, w8, input_scale, channel_scale, None, weight_scale))  # noqa: B023
@@ -91,48 +92,55 @@ def _sweep(label: str, config: dict, grid: dict, run_all) -> None:
     config.update(results[0][1])
 
 
-def sweep() -> None:
+def sweep(kinds: list[str]) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     input_scale = torch.tensor(0.01, device="cuda")
     layers = []
     for n, k in SHAPES.values():
         _, packed, scales, w8 = _weights(n, k, gen)
         layers.append((torch.randn(1, k, generator=gen, device="cuda", dtype=torch.bfloat16), packed, scales, w8))
-    fp8_grid = {
-        "block_n": [32, 64, 128],
-        "block_k": [128, 256, 512],
-        "num_stages": [3, 4],
-        "programs_per_sm": [2, 4, 8],
-    }
-    _sweep(
-        "fp8 M=1",
-        triton_fp8_gemv.FP8_GEMV_CONFIG,
-        fp8_grid,
-        lambda: [
-            (
-                lambda x=x, w8=w8: triton_fp8_gemv.fp8_gemv(
-                    x, w8, input_scale, torch.ones(w8.shape[0], device="cuda"), None
-                )
-            )
-            for x, _, _, w8 in layers
-        ],
-    )
-    int4_grid = {"block_n": [64, 128, 256], "num_warps": [4, 8], "num_stages": [1], "programs_per_sm": [4, 8, 16]}
-    _sweep(
-        "int4 M=1",
-        triton_w4a16_gemv.GEMV_CONFIG,
-        int4_grid,
-        lambda: [
-            (lambda x=x, packed=packed, scales=scales: int4_linear(x, packed, scales, None, None))
-            for x, packed, scales, _ in layers
-        ],
-    )
+    if "fp8" in kinds:
+        fp8_grid = {
+            "block_n": [32, 64, 128],
+            "block_k": [128, 256, 512],
+            "num_stages": [3, 4],
+            "programs_per_sm": [2, 4, 8],
+        }
+        _sweep(
+            "fp8 M=1",
+            triton_fp8_gemv.FP8_GEMV_CONFIG,
+            fp8_grid,
+            lambda: [_fp8_call(x, w8, input_scale) for x, *_, w8 in layers],
+        )
+    if "int4" in kinds:
+        int4_grid = {
+            "block_n": [128, 256],
+            "num_warps": [4, 8],
+            "num_stages": [1, 2],
+            "programs_per_sm": [8, 16],
+            "unpack": ["words", "floats"],
+        }
+        _sweep(
+            "int4 M=1",
+            triton_w4a16_gemv.GEMV_CONFIG,
+            int4_grid,
+            lambda: [_int4_call(x, packed, scales) for x, packed, scales, _ in layers],
+        )
+
+
+def _fp8_call(x: torch.Tensor, w8: torch.Tensor, input_scale: torch.Tensor):
+    channel_scale = torch.ones(w8.shape[0], device="cuda")
+    return lambda: triton_fp8_gemv.fp8_gemv(x, w8, input_scale, channel_scale, None)
+
+
+def _int4_call(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor):
+    return lambda: int4_linear(x, packed, scales, None, None)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep", nargs="*", choices=["fp8", "int4"], help="launch settings to sweep (default: both)")
     args = parser.parse_args()
-    if args.sweep:
-        sweep()
+    if args.sweep is not None:
+        sweep(args.sweep or ["fp8", "int4"])
     table()  # after a sweep, with the best settings it found

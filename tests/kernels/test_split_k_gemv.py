@@ -7,6 +7,8 @@ call (wrong answers only from the second call on), a result that depends on whic
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -64,28 +66,69 @@ def test_int4_gemv_matches_reference_and_repeats_bit_for_bit(m, with_bias):
         assert torch.equal(w4a16_linear(*args), first)
 
 
-def test_int4_gemv_rows_equal_their_single_row_products():
-    # The weight tile is unpacked once for all rows; each row's sums keep the single-row order.
+@contextmanager
+def _int4_unpack(unpack: str) -> Iterator[None]:
+    """The INT4 GEMV's weight path for every row count ("words", "floats", "ints"), restored after."""
+    from kiln.kernels.triton_w4a16_gemv import FEW_ROWS_GEMV_CONFIG, GEMV_CONFIG
+
+    saved = GEMV_CONFIG["unpack"], FEW_ROWS_GEMV_CONFIG["unpack"]
+    GEMV_CONFIG["unpack"] = FEW_ROWS_GEMV_CONFIG["unpack"] = unpack
+    try:
+        yield
+    finally:
+        GEMV_CONFIG["unpack"], FEW_ROWS_GEMV_CONFIG["unpack"] = saved
+
+
+@pytest.mark.parametrize("unpack", ["words", "floats"])
+def test_int4_gemv_rows_equal_their_single_row_products(unpack):
+    # The weight tile is unpacked once for all rows; each row's sums keep the single-row order (the row
+    # counts' launch settings made equal: the split of K decides the order of the sums).
     from kiln.kernels.triton_w4a16_gemm import w4a16_linear
+    from kiln.kernels.triton_w4a16_gemv import FEW_ROWS_GEMV_CONFIG, GEMV_CONFIG
 
     x, packed, scales, pre_quant_scale, bias = _int4_case(4, 6144, 4096, True, seed=5)
-    together = w4a16_linear(x, packed, scales, pre_quant_scale, bias)
-    alone = torch.cat([w4a16_linear(x[i : i + 1], packed, scales, pre_quant_scale, bias) for i in range(4)])
+    saved = dict(GEMV_CONFIG)
+    GEMV_CONFIG.update(FEW_ROWS_GEMV_CONFIG)
+    try:
+        with _int4_unpack(unpack):
+            together = w4a16_linear(x, packed, scales, pre_quant_scale, bias)
+            alone = torch.cat([w4a16_linear(x[i : i + 1], packed, scales, pre_quant_scale, bias) for i in range(4)])
+    finally:
+        GEMV_CONFIG.update(saved)
     assert torch.equal(together, alone)
 
 
-def test_int4_nibbles_converted_without_int_to_float_equal_the_integer_path():
+@pytest.mark.parametrize("m", [1, 2])
+def test_int4_nibbles_converted_without_int_to_float_equal_the_integer_path(m):
     from kiln.kernels.triton_w4a16_gemm import w4a16_linear
-    from kiln.kernels.triton_w4a16_gemv import GEMV_CONFIG
 
-    args = _int4_case(2, 4096, 4096, False, seed=7)
-    with_bits = w4a16_linear(*args)
-    GEMV_CONFIG["float_nibbles"] = False
-    try:
-        with_conversions = w4a16_linear(*args)
-    finally:
-        GEMV_CONFIG["float_nibbles"] = True
-    assert torch.equal(with_bits, with_conversions)  # both conversions are exact; same sums in the same order
+    args = _int4_case(m, 4096, 4096, False, seed=7)
+    results = {}
+    for unpack in ("floats", "ints", "words"):
+        with _int4_unpack(unpack):
+            results[unpack] = w4a16_linear(*args)
+    assert torch.equal(results["floats"], results["ints"])  # both conversions are exact; same sums, same order
+    # Words are exact too, but their sums run in another order: equal to rounding.
+    assert _relative_error(results["words"], results["ints"]) < 1e-3
+    assert _relative_error(results["words"], int4_linear_reference(*args)) < 1e-2
+
+
+@pytest.mark.parametrize("unpack", ["words", "floats"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int4_gemv_of_a_k_shard_matches_reference(unpack, m):
+    # A row-parallel rank's weight is a column slice of the packed bytes: read as words where they align,
+    # as bytes where the shard starts mid-word.
+    from kiln.kernels.triton_w4a16_gemv import w4a16_gemv
+
+    x, packed, scales, pre_quant_scale, bias = _int4_case(m, 1024, 8192, True, seed=9)
+    with _int4_unpack(unpack):
+        for start in (0, 2048, 2050):
+            # The reference takes the same scales; a shard starting mid-group just gets the first 16 groups.
+            first_group = start // 128 if start % 128 == 0 else 0
+            args = (x[:, :2048], packed[:, start : start + 2048], scales[:, first_group : first_group + 16],
+                    pre_quant_scale[:2048], bias)  # fmt: skip
+            got = w4a16_gemv(*args, group_size=128, block_k=128)
+            assert _relative_error(got, int4_linear_reference(*args)) < 1e-2, start
 
 
 def test_gemvs_replay_from_a_cuda_graph_with_new_inputs():
@@ -97,12 +140,14 @@ def test_gemvs_replay_from_a_cuda_graph_with_new_inputs():
     int4_args = list(_int4_case(2, 4096, 4096, True, seed=12))
     x = torch.zeros_like(fp8_args[0])
     fp8_args[0] = int4_args[0] = x
+    int4_row_args = [x[:1], *int4_args[1:]]  # one row: the word path and its own launch settings
     for _ in range(2):  # compile outside the capture
-        fp8_gemv(*fp8_args), w4a16_linear(*int4_args)
+        fp8_gemv(*fp8_args), w4a16_linear(*int4_args), w4a16_linear(*int4_row_args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fp8_out = fp8_gemv(*fp8_args)
         int4_out = w4a16_linear(*int4_args)
+        int4_row = w4a16_linear(*int4_row_args)
         fp8_again = fp8_gemv(*fp8_args)
     gen = torch.Generator(device=DEVICE).manual_seed(13)
     for _ in range(3):
@@ -110,4 +155,5 @@ def test_gemvs_replay_from_a_cuda_graph_with_new_inputs():
         graph.replay()
         assert _relative_error(fp8_out, fp8_linear_reference(*fp8_args)) < 1e-2
         assert _relative_error(int4_out, int4_linear_reference(*int4_args)) < 1e-2
+        assert _relative_error(int4_row, int4_linear_reference(*int4_row_args)) < 1e-2
         assert torch.equal(fp8_again, fp8_out)
