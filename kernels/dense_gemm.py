@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.quantized_gemm import gpu_kernels_available
+from kiln.kernels.quantized_gemm import gpu_kernels_available, silu_and_mul_rows
 
 
 def dense_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -28,8 +28,11 @@ def _dense_gemv_enabled() -> bool:
     return os.environ.get("KILN_DISABLE_DENSE_GEMV") != "1"
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x weight^T (+ bias) for x [..., K], weight [N, K]; a few rows on CUDA take the Triton GEMV."""
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+    """y = x weight^T (+ bias) for x [..., K], weight [N, K]; a few rows on CUDA take the Triton GEMV.
+
+    gated (CUDA with Triton only): x is [M, 2K] = [gate | up] and the product takes silu(gate) * up.
+    """
     if (
         x.dim() == 2
         and x.dtype == weight.dtype
@@ -41,5 +44,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         from kiln.kernels.triton_dense_gemv import DENSE_GEMV_CONFIG, dense_gemv
 
         if 0 < x.shape[0] <= DENSE_GEMV_CONFIG["max_rows"]:
-            return dense_gemv(x, weight, bias)
+            return dense_gemv(x, weight, bias, gated)
+    if gated:
+        x = silu_and_mul_rows(x)
     return F.linear(x, weight, bias)

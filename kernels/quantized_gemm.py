@@ -70,17 +70,23 @@ def fp8_linear(
     channel_scale: torch.Tensor,
     bias: torch.Tensor | None,
     tensor_weight_scale: torch.Tensor | None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """FP8 W8A8 linear; `tensor_weight_scale` (one element) when every output channel shares one scale.
 
     x [M, K]; weight float8_e4m3fn [N, K]; input_scale one fp32 element; channel_scale fp32 [N].
+    gated (CUDA with Triton only): x is [M, 2K] = [gate | up] and the product takes silu(gate) * up.
     """
-    if not gpu_kernels_available(x, needs_fp8=True) or weight.shape[1] % 16 or weight.shape[0] % 16:
-        return fp8_linear_reference(x, weight, input_scale, channel_scale, bias)
-    from kiln.kernels.triton_fp8_gemv import FP8_GEMV_CONFIG, fp8_gemv
+    kernels = gpu_kernels_available(x, needs_fp8=True) and not (weight.shape[1] % 16 or weight.shape[0] % 16)
+    if kernels:
+        from kiln.kernels.triton_fp8_gemv import FP8_GEMV_CONFIG, fp8_gemv
 
-    if 0 < x.shape[0] <= FP8_GEMV_CONFIG["max_rows"] and _fp8_gemv_enabled():
-        return fp8_gemv(x, weight, input_scale, channel_scale, bias)  # decode: one launch, bandwidth-bound
+        if 0 < x.shape[0] <= FP8_GEMV_CONFIG["max_rows"] and _fp8_gemv_enabled():
+            return fp8_gemv(x, weight, input_scale, channel_scale, bias, gated)  # decode: one bandwidth-bound launch
+    if gated:
+        x = silu_and_mul_rows(x)
+    if not kernels:
+        return fp8_linear_reference(x, weight, input_scale, channel_scale, bias)
     from kiln.kernels.triton_fp8_quant import quantize_fp8_static
 
     x_q, row_scale = quantize_fp8_static(x, input_scale)
@@ -144,10 +150,25 @@ def int4_linear(
     scales: torch.Tensor,
     pre_quant_scale: torch.Tensor | None,
     bias: torch.Tensor | None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """W4A16 linear: the Triton GEMM on CUDA with fp16/bf16 activations, else the reference."""
+    """W4A16 linear: the Triton GEMM on CUDA with fp16/bf16 activations, else the reference.
+
+    gated (CUDA with Triton only): x is [M, 2K] = [gate | up] and the product takes silu(gate) * up,
+    computed first by the SiLU-and-mul kernel: the INT4 GEMV is bound by instruction issue, and the
+    SiLU of every loaded activation would add ~45% to its loop (SASS), more than the launch it saves.
+    """
+    if gated:
+        x = silu_and_mul_rows(x)
     if not gpu_kernels_available(x, needs_fp8=False):
         return int4_linear_reference(x, packed, scales, pre_quant_scale, bias)
     from kiln.kernels.triton_w4a16_gemm import w4a16_linear
 
     return w4a16_linear(x, packed, scales, pre_quant_scale, bias)
+
+
+def silu_and_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [M, 2K] rows, for a gated product that takes another path than a gated GEMV."""
+    from kiln.kernels.triton_fused_ops import silu_and_mul  # CUDA with Triton: where `gated` is ever passed
+
+    return silu_and_mul(gate_up)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
+from kiln.kernels.triton_fused_ops import gemv_tile_by_rows, load_gemv_input, load_gemv_tile
 from kiln.kernels.triton_split_k import reduce_split_k, split_k_launch, tile_counters
 
 MAX_ROWS = 16  # one tensor-core tile of rows ("dot"); "fma" unrolls one multiply-and-sum per row
@@ -67,6 +68,8 @@ def _dense_gemv_kernel(
     NUM_STAGES: tl.constexpr,
     USE_DOT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    BY_ROWS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
@@ -89,14 +92,12 @@ def _dense_gemv_kernel(
             w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first"
         )
         if USE_DOT:
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-            )
+            x = load_gemv_tile(x_ptr, rows, ks, row_mask, k_mask, stride_xm, K, NUM_ROWS, GATED, BY_ROWS)
             acc += tl.dot(w, tl.trans(x))
         else:
             w32 = w.to(tl.float32)
             for m in tl.static_range(NUM_ROWS):  # the weight tile, loaded once, serves every row
-                x = tl.load(x_ptr + m * stride_xm + ks, mask=k_mask, other=0.0).to(tl.float32)
+                x = load_gemv_input(x_ptr, m * stride_xm + ks, k_mask, K, GATED).to(tl.float32)
                 row_sum = tl.sum(w32 * x[None, :], axis=1)  # [BLOCK_N]
                 # A tensor has no per-column assignment: add the row's sums to its column only.
                 acc = tl.where((rows == m)[None, :], acc + row_sum[:, None], acc)
@@ -109,9 +110,12 @@ def _dense_gemv_kernel(
     )  # fmt: skip
 
 
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] 16-bit; weight [N, K] row-major, x's dtype; bias [N] or None -> [M, N] in x's dtype."""
-    num_rows, k = x.shape
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+    """x [M <= MAX_ROWS, K] 16-bit; weight [N, K] row-major, x's dtype; bias [N] or None -> [M, N] in x's dtype.
+
+    gated: x is [M, 2K], the [gate | up] rows, and the product takes silu(gate) * up (no SiLU-and-mul launch).
+    """
+    num_rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     if not 0 < num_rows <= MAX_ROWS:
         raise ValueError(f"dense_gemv takes 1 to {MAX_ROWS} rows, got {num_rows}")
@@ -141,7 +145,7 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         partial.stride(1), partial.stride(0), out.stride(0),
         NUM_ROWS=num_rows, BLOCK_M=max(16, rows_padded) if use_dot else rows_padded, BLOCK_N=block_n,
         BLOCK_K=block_k, BLOCK_S=block_s, NUM_STAGES=config["num_stages"],
-        USE_DOT=use_dot, HAS_BIAS=bias is not None, USE_PDL=pdl,
+        USE_DOT=use_dot, HAS_BIAS=bias is not None, GATED=gated, BY_ROWS=gemv_tile_by_rows(), USE_PDL=pdl,
         num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_fp8_quant import FP8_E4M3_MAX
+from kiln.kernels.triton_fused_ops import gemv_tile_by_rows, load_gemv_tile
 from kiln.kernels.triton_split_k import reduce_split_k, split_k_launch, tile_counters
 
 MAX_ROWS = 16  # one tensor-core tile of rows
@@ -54,6 +55,8 @@ def _fp8_gemv_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
+    BY_ROWS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
@@ -72,9 +75,7 @@ def _fp8_gemv_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-        )
+        x = load_gemv_tile(x_ptr, rows, ks, row_mask, k_mask, stride_xm, K, NUM_ROWS, GATED, BY_ROWS)
         x_q = tl.clamp(x.to(tl.float32) / input_scale, -FP8_E4M3_MAX, FP8_E4M3_MAX)
         x_q = x_q.to(w_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         w = tl.load(
@@ -96,9 +97,13 @@ def fp8_gemv(
     input_scale: torch.Tensor,
     channel_scale: torch.Tensor,
     bias: torch.Tensor | None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] 16-bit; weight float8_e4m3fn [N, K]; scales fp32 ([], [N]) -> [M, N] in x's dtype."""
-    num_rows, k = x.shape
+    """x [M <= MAX_ROWS, K] 16-bit; weight float8_e4m3fn [N, K]; scales fp32 ([], [N]) -> [M, N] in x's dtype.
+
+    gated: x is [M, 2K], the [gate | up] rows, and the product takes silu(gate) * up (no SiLU-and-mul launch).
+    """
+    num_rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     if not 0 < num_rows <= MAX_ROWS:
         raise ValueError(f"fp8_gemv takes 1 to {MAX_ROWS} rows, got {num_rows}")
@@ -114,7 +119,8 @@ def fp8_gemv(
         tile_counters(x.device), out, num_rows, n, k, launch.k_per_split, launch.num_splits,
         x.stride(0), weight.stride(0), partial.stride(1), partial.stride(0), out.stride(0),
         NUM_ROWS=num_rows, BLOCK_M=max(16, triton.next_power_of_2(num_rows)), BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_S=triton.next_power_of_2(launch.num_splits), HAS_BIAS=bias is not None, USE_PDL=pdl,
+        BLOCK_S=triton.next_power_of_2(launch.num_splits), HAS_BIAS=bias is not None, GATED=gated,
+        BY_ROWS=gemv_tile_by_rows(), USE_PDL=pdl,
         num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return out

@@ -18,7 +18,10 @@ from kiln.core.host_transfer import to_device
 from kiln.kernels.triton_decode_attention import NO_WINDOW
 
 
-@triton.jit
+# num_tiles changes with every step's batch: specialised (Triton's default for integer arguments: == 1,
+# divisible by 16, other), it would compile a new kernel the first time a step fell in another class, a
+# stall of the order of a second in the middle of serving.
+@triton.jit(do_not_specialize=["num_tiles"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

@@ -25,7 +25,7 @@ from kiln.kernels.triton_w4_dequantize import dequantize_w4, signed_nibbles
 from kiln.kernels.triton_w4a16_gemv import MAX_ROWS_GEMV, w4a16_gemv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the batch's rows: no new compilation per class of M (see _prefill_kernel)
 def _w4a16_kernel(
     x_ptr,
     w_ptr,

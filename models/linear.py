@@ -138,9 +138,13 @@ class LinearBase(LoadableModule):
             return loaded  # a row-parallel bias is added once, after the sum over ranks
         return rank_part(loaded, part.dim, part.start, part.length)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, input_size] -> [num_tokens, output_size]."""
-        return dense_linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """[num_tokens, input_size] -> [num_tokens, output_size].
+
+        gated: x is [num_tokens, 2 * input_size], a gate/up projection's output, and the product takes
+        silu(gate) * up (models.layers.silu_fused_into_next_product says when a caller may pass it).
+        """
+        return dense_linear(x, self.weight, self.bias, gated)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -162,11 +166,12 @@ class RowParallelLinear(LinearBase):
     def weight_part(self, shard_id: Hashable | None) -> RankPart | None:
         return RankPart(1, tensor_parallel().rank * self.input_size, self.input_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, input_size / ranks] -> [num_tokens, output_size], summed over the ranks."""
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """[num_tokens, input_size / ranks] -> [num_tokens, output_size], summed over the ranks (gated: as
+        LinearBase.forward, this rank's [gate | up] shards)."""
         if tensor_parallel().size == 1:
-            return dense_linear(x, self.weight, self.bias)  # one fused GEMM + bias, as without parallelism
-        out = all_reduce(dense_linear(x, self.weight, None))
+            return dense_linear(x, self.weight, self.bias, gated)  # one fused GEMM + bias, as without parallelism
+        out = all_reduce(dense_linear(x, self.weight, None, gated))
         return out if self.bias is None else out + self.bias
 
 

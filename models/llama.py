@@ -7,7 +7,7 @@ from torch import nn
 
 from kiln.kernels.attention import AttentionMetadata
 from kiln.models.config import ModelConfig
-from kiln.models.layers import Attention, RMSNorm, SiluAndMul
+from kiln.models.layers import Attention, RMSNorm, SiluAndMul, silu_fused_into_next_product
 from kiln.models.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -65,7 +65,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if silu_fused_into_next_product(gate_up):
+            return self.down_proj(gate_up, gated=True)
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -99,14 +99,17 @@ class QuantizedLinear(LoadableModule):
             return part if part.dim == 0 else None  # a row-parallel bias is added once, after the sum
         return part
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, in] -> [num_tokens, out]; a row-parallel layer's partial outputs summed over the ranks."""
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """[num_tokens, in] -> [num_tokens, out]; a row-parallel layer's partial outputs summed over the ranks.
+
+        gated: x is [num_tokens, 2 * in], [gate | up], and the product takes silu(gate) * up (LinearBase.forward).
+        """
         if not self.reduce_output:
-            return self.matmul(x, self.bias)
-        out = all_reduce(self.matmul(x, None))
+            return self.matmul(x, self.bias, gated)
+        out = all_reduce(self.matmul(x, None, gated))
         return out if self.bias is None else out + self.bias
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
         """This rank's x W^T (+ bias)."""
         raise NotImplementedError
 
@@ -159,12 +162,12 @@ class Fp8Linear(QuantizedLinear):
         uniform = bool((self.weight_scale == self.weight_scale[0]).all())
         self.gemm_tensor_weight_scale = self.weight_scale.float()[0].clone() if uniform else None
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
         """[num_tokens, in] -> [num_tokens, out]: fp8 activation x fp8 weight, fp32 accumulate."""
         if not hasattr(self, "gemm_input_scale"):
             self.process_weights_after_loading()  # built directly (tests) rather than through the loader
         return fp8_linear(
-            x, self.weight, self.gemm_input_scale, self.gemm_channel_scale, bias, self.gemm_tensor_weight_scale
+            x, self.weight, self.gemm_input_scale, self.gemm_channel_scale, bias, self.gemm_tensor_weight_scale, gated
         )
 
 
@@ -257,10 +260,14 @@ class Int4Linear(QuantizedLinear):
         """fp32 [out, in] weight: int4 values times their group's scale."""
         return dequantize_int4(self.weight, self.weight_scale)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
         """[num_tokens, in] -> [num_tokens, out]: (x * pre_quant_scale) W^T, fp32 accumulate."""
         if x.device.type == "cuda":
-            return int4_linear(x, self.weight, self.weight_scale, self.pre_quant_scale, bias)
+            return int4_linear(x, self.weight, self.weight_scale, self.pre_quant_scale, bias, gated)
+        if gated:  # callers pass it with Triton on CUDA only; kept correct anyway
+            from kiln.models.layers import silu_and_mul_reference  # here: layers imports this module
+
+            x = silu_and_mul_reference(x)
         # CPU (the reference path): unpacking the weight at every step made decoding ~20x slower than
         # the unquantized model; keep the fp32 weight once instead (memory is not what the CPU path is for).
         if getattr(self, "_cpu_weight", None) is None:

@@ -7,12 +7,12 @@ the tiles are still split along K. CPU CI has neither CUDA nor triton: the `gpu`
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_configs import dense_gemv_config
 
 from kiln.kernels.dense_gemm import dense_linear, dense_linear_reference
 
@@ -36,22 +36,6 @@ CASES = (
         (16, 4096, 4096, True),
     ]
 )
-
-
-@contextlib.contextmanager
-def dense_gemv_config(**overrides):
-    """DENSE_GEMV_CONFIG with `overrides` (small tiles, many programs in the interpreter), restored after."""
-    from kiln.kernels.triton_dense_gemv import DENSE_GEMV_CONFIG
-
-    if INTERPRETER:  # one "SM" there: many programs per SM so that tiles still split along K
-        overrides = {"block_n": 32, "block_k": 32, "programs_per_sm": 8, **overrides}
-    saved = dict(DENSE_GEMV_CONFIG)
-    DENSE_GEMV_CONFIG.update(overrides)
-    try:
-        yield
-    finally:
-        DENSE_GEMV_CONFIG.clear()
-        DENSE_GEMV_CONFIG.update(saved)
 
 
 def _case(m: int, n: int, k: int, with_bias: bool, dtype: torch.dtype, seed: int):
@@ -140,9 +124,9 @@ def test_dense_linear_routes_decode_rows_to_the_gemv(monkeypatch):
     calls = []
     real_gemv = triton_dense_gemv.dense_gemv
 
-    def spy(x, weight, bias):
+    def spy(x, weight, bias, gated=False):
         calls.append(x.shape[0])
-        return real_gemv(x, weight, bias)
+        return real_gemv(x, weight, bias, gated)
 
     monkeypatch.setattr(triton_dense_gemv, "dense_gemv", spy)
     x, weight, bias = _case(5, 256, 512, True, DTYPES[0], seed=3)

@@ -242,6 +242,27 @@ def test_mostly_decode_batch_uses_small_tiles():
     check_attention(make_case(query_lens, seq_lens, LLAMA3, BF16, 16, seed=7), None)
 
 
+def compiled_variants(kernel) -> int:
+    """How many specialisations of a Triton kernel have been compiled in this process (every device)."""
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+def test_prefill_steps_of_any_size_reuse_one_compiled_kernel():
+    # A serving engine's steps bring 1, 16, 17, ... query tiles. Specialised on its integer arguments, the
+    # kernel would compile again for each class (== 1, divisible by 16, other): a stall mid-serving.
+    from kiln.kernels.triton_prefill_attention import _prefill_kernel
+
+    before = None
+    # 1, 16, 17 and 12 tiles of 64 queries (every prompt > 16 tokens: shorter ones take 16-query tiles,
+    # a compile-time block size, so another kernel of their own)
+    for prompt_lens in ([17], [64] * 16, [64] * 16 + [17], [700, 17]):
+        check_attention(make_case(prompt_lens, prompt_lens, LLAMA3, BF16, 16, seed=8), None)
+        before = compiled_variants(_prefill_kernel) if before is None else before
+        assert compiled_variants(_prefill_kernel) == before, prompt_lens
+
+
 @pytest.mark.gpu
 def test_head_dim_padded_to_power_of_two():
     # head_dim 96 (Phi-3-mini-like) runs padded to 128 in both kernels.

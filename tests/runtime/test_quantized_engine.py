@@ -98,6 +98,36 @@ def test_gpu_kernels_follow_the_reference(quantized, fmt: str, kv_cache_dtype: s
     assert_near_argmax(path, outputs, margin=0.08)  # bf16 activations and FP8 GEMMs vs fp32
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4-awq"])
+def test_gpu_silu_fused_into_the_down_projection_changes_no_token(
+    quantized, tiny_llama_dir: Path, fmt: str, monkeypatch
+) -> None:
+    # KILN_FUSE_SILU_INTO_GEMV=1: batch-1 decode steps hand [gate | up] to the down projection, whose GEMV
+    # computes the same bits the SiLU-and-mul kernel would have: the same greedy tokens, from graphs too.
+    import kiln.models.llama as llama
+
+    path = tiny_llama_dir if fmt == "bf16" else quantized(fmt, None)
+    fused_calls: list[bool] = []
+    decide = llama.silu_fused_into_next_product
+
+    def recording(gate_up: torch.Tensor) -> bool:
+        fused_calls.append(decide(gate_up))
+        return fused_calls[-1]
+
+    monkeypatch.setattr(llama, "silu_fused_into_next_product", recording)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    tokens = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("KILN_FUSE_SILU_INTO_GEMV", fused)
+        llm = LLM(str(path), device="cuda", dtype="bf16", num_kv_blocks=256, max_batch_size=1)
+        tokens[fused] = [output.token_ids for output in llm.generate(PROMPTS, params)]
+        assert llm.engine.runner.decode_graphs.num_replays > 0
+        del llm
+    assert any(fused_calls)  # the fused path ran (at one row, in the captured decode graphs)
+    assert tokens["1"] == tokens["0"]
+
+
 @pytest.mark.parametrize("fmt,kv_cache_dtype", [("fp8", "fp8"), ("int4-awq", None)])
 def test_quantized_engine_generates_what_its_checkpoint_generates(quantized, tmp_path: Path, fmt, kv_cache_dtype):
     from kiln.build.stage import BuildSpec, build
