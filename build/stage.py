@@ -207,9 +207,13 @@ def _warm_kernel_cache(engine_dir: Path, plan: BuildPlan) -> dict[str, Any]:
     try:
         options = {**engine_options(plan), "cuda_graph_batch_sizes": plan.cuda_graph_batch_sizes}
         engine = LLMEngine(engine_dir, EngineConfig(**options, device="cuda"))
-        engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True))
-        while engine.has_unfinished:
-            engine.step()
+        # Two prompts, one after the other: the prefill attention kernel has a variant for prompts of at most
+        # 16 new tokens (16-query tiles) and one for longer ones (64); each compiles on first use otherwise.
+        long_prompt = min(80, engine.limits.max_seq_len - 4)
+        for length in (4, long_prompt) if long_prompt > 16 else (4,):
+            engine.add_request([1, 2, 3, 4] * (length // 4), SamplingParams(max_tokens=4, ignore_eos=True))
+            while engine.has_unfinished:
+                engine.step()
         del engine
         torch.cuda.empty_cache()
     finally:

@@ -168,7 +168,11 @@ def int4_linear(
 
 
 def silu_and_mul_rows(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of [M, 2K] rows, for a gated product that takes another path than a gated GEMV."""
-    from kiln.kernels.triton_fused_ops import silu_and_mul  # CUDA with Triton: where `gated` is ever passed
+    """silu(gate) * up of [M, 2K] rows, for a gated product that takes another path than a gated GEMV: the
+    SiLU-and-mul kernel where a GEMV would run (CUDA with Triton), else models.layers' reference formula."""
+    if gpu_kernels_available(gate_up, needs_fp8=False):
+        from kiln.kernels.triton_fused_ops import silu_and_mul
 
-    return silu_and_mul(gate_up)
+        return silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -68,12 +68,8 @@ def silu_fused_into_next_product(gate_up: torch.Tensor) -> bool:
     KILN_FUSE_SILU_INTO_GEMV=1: not yet run on a GPU (the GEMVs' gated inputs are checked in the Triton
     interpreter only).
     """
-    return (
-        os.environ.get("KILN_FUSE_SILU_INTO_GEMV") == "1"
-        and gate_up.dim() == 2
-        and gate_up.shape[0] == 1
-        and (use_fused_ops(gate_up))
-    )
+    enabled = os.environ.get("KILN_FUSE_SILU_INTO_GEMV") == "1"
+    return enabled and gate_up.dim() == 2 and gate_up.shape[0] == 1 and use_fused_ops(gate_up)
 
 
 class SiluAndMul(torch.nn.Module):

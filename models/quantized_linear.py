@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from kiln.core.errors import ConfigError, WeightMappingError
-from kiln.kernels.quantized_gemm import dequantize_int4, fp8_linear, int4_linear, quantize_fp8_reference
+from kiln.kernels.quantized_gemm import (
+    dequantize_int4,
+    fp8_linear,
+    int4_linear,
+    quantize_fp8_reference,
+    silu_and_mul_rows,
+)
 from kiln.models.linear import LinearBase, LoadableModule, RankPart, check_shape, rank_part
 from kiln.models.parallel import all_reduce, tensor_parallel
 
@@ -264,10 +270,8 @@ class Int4Linear(QuantizedLinear):
         """[num_tokens, in] -> [num_tokens, out]: (x * pre_quant_scale) W^T, fp32 accumulate."""
         if x.device.type == "cuda":
             return int4_linear(x, self.weight, self.weight_scale, self.pre_quant_scale, bias, gated)
-        if gated:  # callers pass it with Triton on CUDA only; kept correct anyway
-            from kiln.models.layers import silu_and_mul_reference  # here: layers imports this module
-
-            x = silu_and_mul_reference(x)
+        if gated:
+            x = silu_and_mul_rows(x)
         # CPU (the reference path): unpacking the weight at every step made decoding ~20x slower than
         # the unquantized model; keep the fp32 weight once instead (memory is not what the CPU path is for).
         if getattr(self, "_cpu_weight", None) is None:

@@ -4,7 +4,7 @@
 # the decode merge in the split kernel), FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
 # batch-1 step, 128/128 throughput at two engine batch sizes (batch) or with 8,192 requests (short), and
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024), the ratio to
-# transformers (hf), and process start to first token of bf16/fp8/int4-awq engines on disk (start).
+# transformers (hf), and process start to first token of engines on disk (start: START_QUANTS, fp8 and int4-awq).
 #   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
 # LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge fp8-silu fp8-rows int4-awq int4-awq-bytes" picks the
 # latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
@@ -71,7 +71,7 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         --num-requests 512 --input-len 128 --output-len 128 ;;
     start) t0=$SECONDS  # process start to first token of engines on local disk, bf16 / fp8 / int4-awq
       timeout ${START_TIMEOUT:-420} python3 scripts/start_to_first_token.py --make-dummy /tmp/kiln-start \
-        --preset llama-3-8b --repeat 2 >"$out/start.txt" 2>&1
+        --preset llama-3-8b --quantizations ${START_QUANTS:-fp8 int4-awq} --repeat 2 >"$out/start.txt" 2>&1
       echo "start rc=$? $((SECONDS - t0)) s"; grep -E "built in|median" "$out/start.txt" ;;
     batch) for q in bf16 fp8; do for size in 256 1024; do
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)

@@ -144,3 +144,18 @@ def test_bf16_load_keeps_quantized_dtypes(exported):
     assert down.weight.dtype == torch.uint8 and down.weight_scale.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.isfinite(our_logits(model)).all()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4-awq"])
+def test_down_projection_given_gate_up_equals_the_separate_silu(exported, tiny_llama_dir, fmt, monkeypatch):
+    # `gated=True` (KILN_FUSE_SILU_INTO_GEMV on a GPU) through each kind of linear layer: where no gated GEMV
+    # runs (here, the CPU) the layer applies SiLU-and-mul itself, exactly as the separate step does.
+    import kiln.models.llama as llama
+
+    model, config = load_model(tiny_llama_dir if fmt == "bf16" else exported(fmt), dtype=torch.float32)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = mlp(x)
+        monkeypatch.setattr(llama, "silu_fused_into_next_product", lambda gate_up: True)
+        assert torch.equal(mlp(x), expected)
