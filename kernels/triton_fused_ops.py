@@ -197,17 +197,25 @@ def _rotary_kernel(
     wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     # One program per token: cos/sin [BLOCK_HALF] are read once and rotate all its q and k heads.
     token = tl.program_id(0).to(tl.int64)
+    cos, sin, half, half_mask = rotary_row(positions_ptr, cos_ptr, sin_ptr, stride_cos, token, HEAD_DIM, BLOCK_HALF)
+    rotate_heads(q_ptr + token * stride_q, num_heads, cos, sin, half, half_mask, HEAD_DIM, BLOCK_HQ)
+    rotate_heads(k_ptr + token * stride_k, num_kv_heads, cos, sin, half, half_mask, HEAD_DIM, BLOCK_HK)
+
+
+@triton.jit
+def rotary_row(positions_ptr, cos_ptr, sin_ptr, stride_cos, token, HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """A token's cos and sin [1, BLOCK_HALF] (fp32, from the tables at its position), the half-dimension
+    offsets and their mask."""
     pos = tl.load(positions_ptr + token).to(tl.int64)
     half = tl.arange(0, BLOCK_HALF)
     half_mask = half < HEAD_DIM // 2
     cos = tl.load(cos_ptr + pos * stride_cos + half, mask=half_mask, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + pos * stride_cos + half, mask=half_mask, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(q_ptr + token * stride_q, num_heads, cos, sin, half, half_mask, HEAD_DIM, BLOCK_HQ)
-    _rotate_heads(k_ptr + token * stride_k, num_kv_heads, cos, sin, half, half_mask, HEAD_DIM, BLOCK_HK)
+    return cos, sin, half, half_mask
 
 
 @triton.jit
-def _rotate_heads(row_ptr, num_heads, cos, sin, half, half_mask, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+def rotate_heads(row_ptr, num_heads, cos, sin, half, half_mask, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
     # In place on one token's [num_heads, HEAD_DIM]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
     heads = tl.arange(0, BLOCK_H)
     mask = (heads[:, None] < num_heads) & half_mask[None, :]

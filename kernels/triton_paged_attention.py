@@ -84,6 +84,7 @@ def triton_paged_attention(
     v_scale: float = 1.0,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Store k/v at the step's slots, then causal GQA attention of the new queries over their contexts.
 
@@ -91,7 +92,8 @@ def triton_paged_attention(
     [num_blocks, block_size, num_kv_heads, head_dim] in the model's dtype or FP8 (holding k / k_scale and
     v / v_scale). Returns `out` (allocated if None) in q's shape
     and dtype. `num_splits` fixes the decode kernel's KV splits (for CUDA graphs); None picks it from
-    the batch's context lengths.
+    the batch's context lengths. `rotary` (positions, cos table, sin table): q and k come unrotated, and
+    one kernel rotates q in place and stores the rotated keys (`triton_rotary_store`).
     """
     from kiln.kernels.triton_decode_attention import decode_attention, decode_num_splits
     from kiln.kernels.triton_prefill_attention import prefill_attention
@@ -104,7 +106,15 @@ def triton_paged_attention(
         q = q.contiguous()
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    triton_store_kv(k, v, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
+    if rotary is None:
+        triton_store_kv(k, v, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale)
+    else:
+        from kiln.kernels.triton_rotary_store import rotary_and_store_kv
+
+        positions, cos_cache, sin_cache = rotary
+        rotary_and_store_kv(
+            positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, metadata.slot_mapping, k_scale, v_scale
+        )
     if metadata.num_tokens == 0:
         return out
     if is_decode_step(metadata):

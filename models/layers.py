@@ -110,6 +110,8 @@ class Attention(torch.nn.Module):
         # in a faster one (Triton) when the device and shapes allow it.
         self.attention_fn: AttentionFunction = reference_attention
         self.kv_cache_scales: tuple[float, float] = (1.0, 1.0)  # the cache holds k / k_scale, v / v_scale
+        # Set by the runtime for the Triton backend, whose `rotary` argument takes unrotated q and k.
+        self.backend_takes_rotary = False
 
     def calibrated_kv_scales(self) -> tuple[float, float] | None:
         """The checkpoint's FP8 KV-cache scales, or None when it has none."""
@@ -118,11 +120,29 @@ class Attention(torch.nn.Module):
             return None
         return float(k_scale), float(v_scale)
 
+    def rotates_with_kv_store(self, q: torch.Tensor) -> bool:
+        """Whether forward may take q and k unrotated, with `rotary` (KILN_FUSE_ROTARY_INTO_KV_STORE=1).
+
+        The Triton backend then rotates them in the kernel that stores the keys (one launch a layer fewer).
+        Off by default: not yet run on a GPU (checked in the Triton interpreter only).
+        """
+        enabled = os.environ.get("KILN_FUSE_ROTARY_INTO_KV_STORE") == "1"
+        return enabled and self.backend_takes_rotary and self.k_cache is not None and use_fused_ops(q)
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: AttentionMetadata
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """q [num_tokens, num_heads * head_dim], k/v [num_tokens, num_kv_heads * head_dim] -> like q."""
+        """q [num_tokens, num_heads * head_dim], k/v [num_tokens, num_kv_heads * head_dim] -> like q.
+
+        rotary: (positions, cos table, sin table) when q and k are not rotated yet (rotates_with_kv_store).
+        """
         num_tokens = q.shape[0]
+        extra = {} if rotary is None else {"rotary": rotary}
         k_scale, v_scale = self.kv_cache_scales
         if self.k_cache is None and getattr(self, "k_scale", None) is not None:
             # No cache (evaluation): round K and V as the FP8 cache the checkpoint was calibrated for would.
@@ -138,5 +158,6 @@ class Attention(torch.nn.Module):
             v_cache=self.v_cache,
             k_scale=k_scale,
             v_scale=v_scale,
+            **extra,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -48,6 +48,9 @@ class LlamaAttention(nn.Module):
         """[num_tokens, hidden] -> [num_tokens, hidden]."""
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.attn.rotates_with_kv_store(q):
+            rotary = (positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache)
+            return self.o_proj(self.attn(q, k, v, attn_metadata, rotary=rotary))
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 

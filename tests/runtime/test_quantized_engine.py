@@ -98,33 +98,45 @@ def test_gpu_kernels_follow_the_reference(quantized, fmt: str, kv_cache_dtype: s
     assert_near_argmax(path, outputs, margin=0.08)  # bf16 activations and FP8 GEMMs vs fp32
 
 
+# Off-by-default fusions (docs/bench.md): the switch, and the function that runs only when the fusion does.
+FUSIONS = {
+    # batch-1 decode steps hand [gate | up] to the down projection's GEMV (True when it does)
+    "KILN_FUSE_SILU_INTO_GEMV": ("kiln.models.llama", "silu_fused_into_next_product"),
+    # one kernel rotates q and k and stores the keys (called only then)
+    "KILN_FUSE_ROTARY_INTO_KV_STORE": ("kiln.kernels.triton_rotary_store", "rotary_and_store_kv"),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4-awq"])
-def test_gpu_silu_fused_into_the_down_projection_changes_no_token(
-    quantized, tiny_llama_dir: Path, fmt: str, monkeypatch
+@pytest.mark.parametrize("switch", list(FUSIONS))
+@pytest.mark.parametrize("fmt,kv_cache_dtype", [("bf16", None), ("fp8", "fp8"), ("int4-awq", None)])
+def test_gpu_fusions_change_no_token(
+    quantized, tiny_llama_dir: Path, fmt: str, kv_cache_dtype: str | None, switch: str, monkeypatch
 ) -> None:
-    # KILN_FUSE_SILU_INTO_GEMV=1: batch-1 decode steps hand [gate | up] to the down projection, whose GEMV
-    # computes the same bits the SiLU-and-mul kernel would have: the same greedy tokens, from graphs too.
-    import kiln.models.llama as llama
+    # Each fusion computes the bits of the kernels it replaces: the same greedy tokens with its switch on as
+    # off, prefill and graph-replayed decode steps alike.
+    import importlib
 
-    path = tiny_llama_dir if fmt == "bf16" else quantized(fmt, None)
-    fused_calls: list[bool] = []
-    decide = llama.silu_fused_into_next_product
+    path = tiny_llama_dir if fmt == "bf16" else quantized(fmt, kv_cache_dtype)
+    module_name, function_name = FUSIONS[switch]
+    module = importlib.import_module(module_name)
+    function, ran = getattr(module, function_name), []
 
-    def recording(gate_up: torch.Tensor) -> bool:
-        fused_calls.append(decide(gate_up))
-        return fused_calls[-1]
+    def recording(*args, **kwargs):
+        result = function(*args, **kwargs)
+        ran.append(result is not False)
+        return result
 
-    monkeypatch.setattr(llama, "silu_fused_into_next_product", recording)
+    monkeypatch.setattr(module, function_name, recording)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     tokens = {}
-    for fused in ("0", "1"):
-        monkeypatch.setenv("KILN_FUSE_SILU_INTO_GEMV", fused)
+    for on in ("0", "1"):
+        monkeypatch.setenv(switch, on)
         llm = LLM(str(path), device="cuda", dtype="bf16", num_kv_blocks=256, max_batch_size=1)
-        tokens[fused] = [output.token_ids for output in llm.generate(PROMPTS, params)]
+        tokens[on] = [output.token_ids for output in llm.generate(PROMPTS, params)]
         assert llm.engine.runner.decode_graphs.num_replays > 0
         del llm
-    assert any(fused_calls)  # the fused path ran (at one row, in the captured decode graphs)
+    assert any(ran)  # the fused path ran
     assert tokens["1"] == tokens["0"]
 
 
