@@ -43,9 +43,9 @@ def signed_nibbles_fp32(packed):
 
 # Where word_nibbles leaves each nibble of a little-endian word of 4 packed bytes (4 K positions j, the low
 # nibble an even output row, the high one the odd row): its bit position p, so the float it makes is s * 2**p.
-# Bits 20-31 are first shifted down by 12: a nibble must sit in the 23 mantissa bits.
-LOW_NIBBLE_BITS = (0, 8, 16, 12)  # j = 0..3; j = 3 (bits 24-27) after the shift
-HIGH_NIBBLE_BITS = (4, 12, 8, 16)  # j = 2, 3 (bits 20-23, 28-31) after the shift
+# Bits 20-31 are first shifted down by 12: a nibble must sit in the 23 mantissa bits. The nibble positions:
+#   low (even row),  j = 0..3: p = 0, 8, 16, 12 (j = 3, bits 24-27, after the shift)
+#   high (odd row),  j = 0..3: p = 4, 12, 8, 16 (j = 2 and 3, bits 20-23 and 28-31, after the shift)
 
 
 # One XOR constant for every nibble position p of word_nibbles: the exponent bits of the float 2**23 plus bit
@@ -69,7 +69,7 @@ def _nibble_at(word, p: tl.constexpr, xor_bits):
 def word_nibbles(words, xor_bits):
     """int32 words of 4 packed bytes -> 8 fp32 tensors: low nibbles j = 0..3, then high nibbles j = 0..3.
 
-    Each is s * 2**p for the bit positions in LOW_NIBBLE_BITS / HIGH_NIBBLE_BITS (multiply the matching
+    Each is s * 2**p for the bit positions p listed above the function (multiply the matching
     activation by 2**-p). `xor_bits` is NIBBLE_XOR_BITS, passed at run time (see there). About 2.1
     instructions a weight, against ~5.5 for bytes unpacked one at a time (byte extraction, sign extension,
     separate mask, XOR and OR), which kept a CUDA-core GEMV bound by instruction issue.

@@ -73,7 +73,7 @@ def _word_tile_sums(
         mask=pair_mask[:, None] & col_mask[None, :],
         other=0,
     )
-    # s * 2**p, p from LOW_NIBBLE_BITS / HIGH_NIBBLE_BITS: the activations below take the 2**-p (exact)
+    # s * 2**p (p: see triton_w4_dequantize.word_nibbles); the activations below take the 2**-p (exact)
     low0, low1, low2, low3, high0, high1, high2, high3 = word_nibbles(words, xor_bits)
     rows = tl.arange(0, ROWS)
     sums_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
