@@ -24,6 +24,8 @@ class AttentionBackend:
 
     name: str
     forward: AttentionFunction
+    # forward also takes `rotary` (positions, cos, sin) with q and k unrotated (models.layers.Attention)
+    takes_rotary: bool = False
 
 
 def _triton_unsupported(
@@ -55,7 +57,7 @@ def select_attention_backend(
     if not reasons:
         from kiln.kernels.triton_paged_attention import triton_paged_attention
 
-        return AttentionBackend("triton", triton_paged_attention)
+        return AttentionBackend("triton", triton_paged_attention, takes_rotary=True)
     if requested == "triton":
         raise UserInputError("the triton attention backend cannot run here: " + "; ".join(reasons))
     logger.info("attention backend: torch reference (%s)", "; ".join(reasons))

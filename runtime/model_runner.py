@@ -154,7 +154,7 @@ class ModelRunner:
             layer.k_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
             layer.v_cache = torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
             layer.attention_fn = backend.forward
-            layer.backend_takes_rotary = backend.name == "triton"
+            layer.backend_takes_rotary = backend.takes_rotary
             layer.kv_cache_scales = kv_cache_scales(layer, self.kv_cache_dtype)
         logger.debug("KV cache: %d blocks of %d tokens, attention backend %s", num_blocks, block_size, backend.name)
 
