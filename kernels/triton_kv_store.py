@@ -53,13 +53,20 @@ def _store_kv_kernel(
     v = tl.load(v_ptr + token * stride_v_t + h[:, None] * stride_v_h + d[None, :], mask=mask)
     k_dst = k_cache_ptr + block * stride_kc_b + offset * stride_kc_s + h[:, None] * stride_kc_h + d[None, :]
     v_dst = v_cache_ptr + block * stride_vc_b + offset * stride_vc_s + h[:, None] * stride_vc_h + d[None, :]
-    k = k.to(tl.float32) * inv_k_scale
-    v = v.to(tl.float32) * inv_v_scale
-    if IS_FP8:  # saturate like the reference: out-of-range values become +-448, never NaN
-        k = tl.clamp(k, -FP8_E4M3_MAX, FP8_E4M3_MAX)
-        v = tl.clamp(v, -FP8_E4M3_MAX, FP8_E4M3_MAX)
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    store_scaled(k_dst, k.to(tl.float32), inv_k_scale, mask, IS_FP8)
+    store_scaled(v_dst, v.to(tl.float32), inv_v_scale, mask, IS_FP8)
+
+
+@triton.jit
+def store_scaled(cache_ptr, values, inv_scale, mask, IS_FP8: tl.constexpr):
+    """values (fp32) / scale into the cache at cache_ptr, rounded to its dtype (nearest even).
+
+    FP8 saturates like the reference: out-of-range values become +-448, never NaN.
+    """
+    values = values * inv_scale
+    if IS_FP8:
+        values = tl.clamp(values, -FP8_E4M3_MAX, FP8_E4M3_MAX)
+    tl.store(cache_ptr, values.to(cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
 def store_kv_triton(

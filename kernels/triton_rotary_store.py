@@ -17,16 +17,7 @@ import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_fused_ops import rotary_row, rotate_heads
-from kiln.kernels.triton_kv_store import FP8_E4M3_MAX
-
-
-@triton.jit
-def _store_row(cache_ptr, values, inv_scale, mask, IS_FP8: tl.constexpr):
-    """values (fp32) / scale into the cache at cache_ptr, saturated like the reference for FP8."""
-    values = values * inv_scale
-    if IS_FP8:
-        values = tl.clamp(values, -FP8_E4M3_MAX, FP8_E4M3_MAX)
-    tl.store(cache_ptr, values.to(cache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+from kiln.kernels.triton_kv_store import store_scaled
 
 
 @triton.jit
@@ -79,13 +70,13 @@ def _rotary_store_kernel(
     rotated1 = (k1 * cos - k2 * sin).to(dtype).to(tl.float32)
     rotated2 = (k2 * cos + k1 * sin).to(dtype).to(tl.float32)
     k_dst = k_cache_ptr + block * stride_kc_b + offset * stride_kc_s + heads[:, None] * stride_kc_h + half[None, :]
-    _store_row(k_dst, rotated1, inv_k_scale, mask, IS_FP8)
-    _store_row(k_dst + HEAD_DIM // 2, rotated2, inv_k_scale, mask, IS_FP8)
+    store_scaled(k_dst, rotated1, inv_k_scale, mask, IS_FP8)
+    store_scaled(k_dst + HEAD_DIM // 2, rotated2, inv_k_scale, mask, IS_FP8)
     v_row = v_ptr + token * stride_v + heads[:, None] * HEAD_DIM + half[None, :]
     v_dst = v_cache_ptr + block * stride_vc_b + offset * stride_vc_s + heads[:, None] * stride_vc_h + half[None, :]
-    _store_row(v_dst, tl.load(v_row, mask=mask, other=0.0).to(tl.float32), inv_v_scale, mask, IS_FP8)
+    store_scaled(v_dst, tl.load(v_row, mask=mask, other=0.0).to(tl.float32), inv_v_scale, mask, IS_FP8)
     v2 = tl.load(v_row + HEAD_DIM // 2, mask=mask, other=0.0).to(tl.float32)
-    _store_row(v_dst + HEAD_DIM // 2, v2, inv_v_scale, mask, IS_FP8)
+    store_scaled(v_dst + HEAD_DIM // 2, v2, inv_v_scale, mask, IS_FP8)
 
 
 def rotary_and_store_kv(
