@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -38,6 +39,21 @@ def _fp8_cache_as_fp16() -> bool:
     products: a gain, but far from a bf16 cache's 4.1 TB/s; the GPU attention tests pass both ways."""
     return os.environ.get("KILN_DECODE_FP8_AS_FP16", "1") != "0"
 
+
+@dataclass(frozen=True)
+class DecodeTile:
+    """Keys a program reads per loop step, its warps and software-pipeline stages."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per cache element size, the best of `perf_triton_attention.py --sweep` on an H200 (256 sequences x 1,024
+# keys, docs/benchmarks.md round 8). An FP8 tile of 64 keys moves half a bf16 tile's bytes, and its products
+# need more registers (the conversion happens on the dot operands), so fewer programs fit on an SM: 128 keys
+# and a third stage read its cache at 2.1 TB/s (254.5 us) against 1.8 (297.5 us) with the bf16 setting.
+DECODE_TILES = {2: DecodeTile(64, 4, 2), 1: DecodeTile(128, 4, 3)}
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys per program than this and the merge costs more than it gains
 MAX_SPLITS = 64
@@ -232,16 +248,19 @@ def decode_attention(
     num_splits: int,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    tile: DecodeTile | None = None,
 ) -> None:
     """One query token per sequence: q, out [num_seqs, num_heads, head_dim]; writes `out`.
 
     The caches hold k / k_scale and v / v_scale: k_scale folds into the softmax scale, v_scale into the output.
+    `tile` overrides DECODE_TILES (for sweeps); head dims over 128 halve its keys per step.
     """
     # caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group_size = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
+    tile = tile or DECODE_TILES[k_cache.element_size()]
     # Partial buffers depend only on host ints, so they are safe to allocate under graph capture.
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -273,14 +292,14 @@ def decode_attention(
         BLOCK_SIZE=k_cache.shape[1],
         # tl.dot needs M >= 16: small groups are padded with zero query rows.
         BLOCK_G=max(16, triton.next_power_of_2(group_size)),
-        BLOCK_N=64 if block_d <= 128 else 32,
+        BLOCK_N=tile.block_n if block_d <= 128 else tile.block_n // 2,
         BLOCK_D=block_d,
         WRITE_OUT=num_splits == 1,
         MERGE_IN_KERNEL=merge_in_kernel,
         FP8_AS_FP16=k_cache.dtype == torch.float8_e4m3fn and _fp8_cache_as_fp16(),
         USE_PDL=pdl,
-        num_warps=4,
-        num_stages=2,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
         launch_pdl=pdl,
     )
     if num_splits > 1 and not merge_in_kernel:

@@ -64,9 +64,9 @@ def silu_fused_into_next_product(gate_up: torch.Tensor) -> bool:
     """Whether the next linear layer may take [gate | up] itself (`forward(gate_up, gated=True)`).
 
     At one row (batch-1 decode) the down projection's GEMV computes silu(gate) * up as it loads its input,
-    which saves the SiLU-and-mul launch (a few microseconds of a ~3 ms step, per layer). Off unless
-    KILN_FUSE_SILU_INTO_GEMV=1: not yet run on a GPU (the GEMVs' gated inputs are checked in the Triton
-    interpreter only).
+    which saves the SiLU-and-mul launch. Off unless KILN_FUSE_SILU_INTO_GEMV=1: on an H200 it made the
+    batch-1 TPOT slower (bf16 4.80 against 4.47 ms, fp8 3.23 against 3.09; docs/benchmarks.md round 8), as
+    each of the GEMV's programs recomputes the SiLU of its input slice.
     """
     enabled = os.environ.get("KILN_FUSE_SILU_INTO_GEMV") == "1"
     return enabled and gate_up.dim() == 2 and gate_up.shape[0] == 1 and use_fused_ops(gate_up)
@@ -121,12 +121,12 @@ class Attention(torch.nn.Module):
         return float(k_scale), float(v_scale)
 
     def rotates_with_kv_store(self, q: torch.Tensor) -> bool:
-        """Whether forward may take q and k unrotated, with `rotary` (KILN_FUSE_ROTARY_INTO_KV_STORE=1).
+        """Whether forward may take q and k unrotated, with `rotary` (off: KILN_FUSE_ROTARY_INTO_KV_STORE=0).
 
-        The Triton backend then rotates them in the kernel that stores the keys (one launch a layer fewer).
-        Off by default: not yet run on a GPU (checked in the Triton interpreter only).
+        The Triton backend then rotates them in the kernel that stores the keys: one launch a layer fewer and
+        the same bits (on an H200 the fp8 batch-1 TPOT went from 3.09 to 3.04 ms; docs/benchmarks.md round 8).
         """
-        enabled = os.environ.get("KILN_FUSE_ROTARY_INTO_KV_STORE") == "1"
+        enabled = os.environ.get("KILN_FUSE_ROTARY_INTO_KV_STORE", "1") != "0"
         return enabled and self.backend_takes_rotary and self.k_cache is not None and use_fused_ops(q)
 
     def forward(

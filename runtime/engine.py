@@ -36,7 +36,8 @@ from kiln.runtime.parallel_launch import start_other_ranks
 from kiln.runtime.request import Request
 from kiln.runtime.request_group import RequestGroup
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.scheduler import Scheduler, SchedulerOutput
+from kiln.runtime.stall_log import describe_step, log_kernel_compiles, stall_threshold_ms
 from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
 from kiln.runtime.tp_workers import CacheSpec, release_graphs
 
@@ -47,6 +48,9 @@ class LLMEngine:
     """Continuous-batching generation over a paged KV cache, one step at a time."""
 
     def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        self._stall_ms = stall_threshold_ms()  # KILN_LOG_STALLS: slow steps and kernel compiles are logged
+        if self._stall_ms is not None:
+            log_kernel_compiles()
         device = resolve_device(config.device)
         manifest = engine_manifest(model_dir)
         if manifest is not None:  # a `kiln build` engine: its planned options, its fingerprint, its kernels
@@ -119,6 +123,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._async_scheduling = self._resolve_async_scheduling(device)
         self._in_flight: LaunchedStep | None = None
+        self._last_scheduled = SchedulerOutput()  # for KILN_LOG_STALLS
         self._num_penalised_requests = 0  # their sampling reads all earlier tokens: no step may be in flight
 
     def _resolve_async_scheduling(self, device: torch.device) -> bool:
@@ -225,10 +230,20 @@ class LLMEngine:
         With async scheduling that is the step launched by the previous call, read back after this call's
         launch (a first call returns nothing); otherwise the step launched now.
         """
+        if self._stall_ms is None:
+            return self._step()
+        started = time.perf_counter()
+        outputs = self._step()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if elapsed_ms > self._stall_ms:
+            logger.warning("slow step: %.0f ms; it launched %s", elapsed_ms, describe_step(self._last_scheduled))
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         overlap = self._async_scheduling and self._num_penalised_requests == 0
         if self._in_flight is not None and not overlap:
             return self._finish(self._take_in_flight())
-        scheduled = self.scheduler.schedule()
+        scheduled = self._last_scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             if self._in_flight is not None:  # whatever is left waits on the step in flight (e.g. its last tokens)
                 return self._finish(self._take_in_flight())

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 8 on one GPU, sized for one device call: the GEMV and decode-attention GPU tests, the decode GEMV
-# sweeps and tables (quantized: perf; dense bf16: dense), batch-1 latency in bf16 (A/B: the dense GEMV off,
-# the decode merge in the split kernel), FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
+# Issue 8 on one GPU, sized for one device call: the GEMV and decode-attention GPU tests, the decode-attention
+# tile sweep (attnsweep), the decode GEMV sweeps and tables (quantized: perf; dense bf16: dense), batch-1
+# latency in bf16 (A/B: the dense GEMV off, the decode merge in the split kernel), FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
 # batch-1 step, 128/128 throughput at two engine batch sizes (batch) or with 8,192 requests (short), and
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024), the ratio to
 # transformers (hf), and process start to first token of engines on disk (start: START_QUANTS, fp8 and int4-awq).
-#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
+#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [attnsweep] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
 # LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge fp8-silu fp8-rows fp8-rope int4-awq
 # int4-awq-bytes" picks the latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
 set -uo pipefail
@@ -42,6 +42,8 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         KILN_DECODE_FP8_AS_FP16=$fp16 timeout 120 python3 tests/kernels/perf_triton_attention.py \
           >"$out/attn-fp8-as-fp16-$fp16.txt" 2>&1; echo "attn KILN_DECODE_FP8_AS_FP16=$fp16 rc=$?"
         grep -A6 "float8" "$out/attn-fp8-as-fp16-$fp16.txt"; done ;;
+    attnsweep) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_triton_attention.py --sweep \
+      >"$out/attn-sweep.txt" 2>&1; echo "attnsweep rc=$?"; cat "$out/attn-sweep.txt" ;;
     perf) timeout ${PERF_TIMEOUT:-260} python3 tests/kernels/perf_quantized_gemm.py --sweep ${SWEEP:-} 2>&1 | tee "$out/perf.txt" \
       | grep -v "OutOfResources" ;;
     dense) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_dense_gemv.py --sweep 2>&1 | tee "$out/dense.txt" \

@@ -2,12 +2,15 @@
 
 Decode: 64 sequences x 2048 context, Llama-3-8B heads (32 q / 8 kv, head_dim 128), bf16, block 16,
 against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick); then 256 x 1024
-with an FP8 cache and with a bf16 one.
+with an FP8 cache and with a bf16 one. `--sweep`: the decode kernel's tile settings (DECODE_TILES) at
+256 x 1024, for each cache type.
 Prefill: 4 prompts x 2048 tokens against causal SDPA on contiguous tensors.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -20,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_triton_attention import make_case  # noqa: E402
 
 from kiln.kernels.attention import reference_attention  # noqa: E402
-from kiln.kernels.triton_decode_attention import decode_attention  # noqa: E402
+from kiln.kernels.triton_decode_attention import DecodeTile, decode_attention  # noqa: E402
 from kiln.kernels.triton_paged_attention import triton_paged_attention  # noqa: E402
 
 HEADS = (32, 8, 128)
@@ -90,6 +93,25 @@ def decode_table(num_seqs: int = 64, context_len: int = 2048, cache_dtype: torch
     row("torch SDPA, contiguous K/V repeated to 32 heads", bench(sdpa_mha), 4 * kv_bytes)
 
 
+def tile_sweep(num_seqs: int = 256, context_len: int = 1024) -> None:
+    for cache_dtype in (torch.float8_e4m3fn, torch.bfloat16):
+        print(f"decode tile sweep: {num_seqs} seqs x {context_len} context, {cache_dtype} cache, 1 split")
+        case = make_case(
+            [1] * num_seqs, [context_len] * num_seqs, HEADS, torch.bfloat16, 16, seed=0, cache_dtype=cache_dtype
+        )
+        kv_bytes = 2 * num_seqs * context_len * HEADS[1] * HEADS[2] * cache_dtype.itemsize
+        decode = functools.partial(
+            decode_attention, case.q, case.k_cache, case.v_cache, case.metadata.block_tables, case.metadata.seq_lens,
+            torch.empty_like(case.q), scale=1 / math.sqrt(HEADS[2]), sliding_window=None, num_splits=1,
+        )  # fmt: skip
+        for block_n, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+            name = f"  block_n={block_n} warps={num_warps} stages={num_stages}"
+            try:
+                row(name, bench(functools.partial(decode, tile=DecodeTile(block_n, num_warps, num_stages))), kv_bytes)
+            except Exception as error:  # noqa: BLE001 - a setting that does not fit (shared memory) is skipped
+                print(f"{name}: {type(error).__name__}")
+
+
 def prefill_table(num_seqs: int = 4, prompt_len: int = 2048) -> None:
     num_heads, num_kv_heads, head_dim = HEADS
     lens = [prompt_len] * num_seqs
@@ -111,6 +133,9 @@ def prefill_table(num_seqs: int = 4, prompt_len: int = 2048) -> None:
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    if "--sweep" in sys.argv:
+        tile_sweep()
+        sys.exit()
     decode_table()
     decode_table(256, 1024, torch.float8_e4m3fn)  # a 1000/1000 step's shape, FP8 cache
     decode_table(256, 1024)

@@ -146,6 +146,21 @@ def test_decode_matches_reference(num_seqs, heads, dtype, block_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_n,num_warps,num_stages", [(32, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 3)])
+@pytest.mark.parametrize("cache_dtype", [BF16, FP8])
+def test_decode_tile_settings(block_n, num_warps, num_stages, cache_dtype, monkeypatch):
+    # Any tile the sweep may pick for DECODE_TILES computes the same attention, with and without splits.
+    from kiln.kernels.triton_decode_attention import DecodeTile
+
+    tile = DecodeTile(block_n, num_warps, num_stages)
+    monkeypatch.setattr("kiln.kernels.triton_decode_attention.DECODE_TILES", {1: tile, 2: tile})
+    seq_lens = random_lengths(random.Random(12), 24, 1, 3000)
+    for num_splits in (1, 3):
+        case = make_case([1] * 24, seq_lens, LLAMA3, BF16, 16, seed=12, cache_dtype=cache_dtype)
+        check_attention(case, None, num_splits=num_splits)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("num_seqs,heads,dtype", [(16, LLAMA3, BF16), (3, SMOLLM2, FP16)])
 def test_decode_sliding_window(num_seqs, heads, dtype):
     seq_lens = random_lengths(random.Random(2), num_seqs, 1, 3000)

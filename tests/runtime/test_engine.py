@@ -166,3 +166,25 @@ def test_triton_engine_under_pressure_equals_the_reference(tmp_path: Path, prefi
             top2 = logits.topk(2).values
             margin = (top2[0] - top2[1]).item()
             assert margin < 0.05, f"request {index} left {name} at token {first} without a near-tie ({margin:.3f})"
+
+
+def test_slow_steps_are_logged_with_what_they_computed(model_dir: Path, monkeypatch, caplog) -> None:
+    # KILN_LOG_STALLS=0: every step is slower than 0 ms, so each one is logged with its chunks.
+    monkeypatch.setenv("KILN_LOG_STALLS", "0")
+    engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", num_kv_blocks=64, async_scheduling=False))
+    engine.add_request([5, 9, 13, 2, 7], SamplingParams(max_tokens=2), request_id="a")
+    with caplog.at_level("WARNING", logger="kiln.runtime.engine"):
+        run_to_completion(engine)
+    lines = [record.getMessage() for record in caplog.records if record.name == "kiln.runtime.engine"]
+    assert len(lines) == 2 and all(line.startswith("slow step: ") for line in lines)
+    assert lines[0].endswith("it launched 0 decode tokens, prefill chunks of 5 tokens")
+    assert lines[1].endswith("it launched 1 decode tokens")
+
+
+def test_stall_threshold_must_be_milliseconds(monkeypatch, caplog) -> None:
+    from kiln.runtime.stall_log import stall_threshold_ms
+
+    monkeypatch.setenv("KILN_LOG_STALLS", "fast")
+    assert stall_threshold_ms() is None and "is not a number of milliseconds" in caplog.text
+    monkeypatch.setenv("KILN_LOG_STALLS", "250")
+    assert stall_threshold_ms() == 250.0
