@@ -50,17 +50,19 @@ class DecodeTile:
 
 
 # Per cache element size, the best of `perf_triton_attention.py --sweep` on an H200 (256 sequences x 1,024
-# keys, docs/benchmarks.md round 8). An FP8 tile of 64 keys moves half a bf16 tile's bytes, and its products
-# need more registers (the conversion happens on the dot operands), so fewer programs fit on an SM: 128 keys
-# and a third stage read its cache at 2.1 TB/s (254.5 us) against 1.8 (297.5 us) with the bf16 setting.
-DECODE_TILES = {2: DecodeTile(64, 4, 2), 1: DecodeTile(128, 4, 3)}
+# keys, docs/benchmarks.md round 8). An FP8 tile of 64 keys moves half a bf16 tile's bytes, so the FP8 cache
+# takes 128 keys a step: 204.8 us (2.6 TB/s) against 208.4 with 64 keys, and 297.5 before its values were
+# scaled in the loop (see the kernel).
+DECODE_TILES = {2: DecodeTile(64, 4, 2), 1: DecodeTile(128, 4, 2)}
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys per program than this and the merge costs more than it gains
 MAX_SPLITS = 64
 NO_WINDOW = 1 << 30  # stands for sliding_window=None: a window longer than any context
 
 
-@triton.jit
+# Eager decode steps (past the largest CUDA graph) bring any split count and block-table width: no new
+# compilation per class of those integers (see _prefill_kernel).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -145,10 +147,16 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_off = block[:, None] * stride_v_b + row[:, None] * stride_v_s + kv_head * stride_v_h + d[None, :]
         v = tl.load(v_cache_ptr + v_off, mask=kv_mask, other=0.0)
+        if FP8_AS_FP16:
+            # v_scale here, in fp16, not on the output: without an operation between the conversion and the
+            # product, Triton converts on the dot operand, after the transposing load from shared memory,
+            # which is one byte a load for 8-bit values (2x the loop's instructions and registers).
+            v = v.to(dot_dtype) * v_scale.to(dot_dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype))
         m_i = m_new
 
-    acc = acc * v_scale  # the cache holds v / v_scale (1 unless FP8); the merge below is linear in it
+    if not FP8_AS_FP16:
+        acc = acc * v_scale  # the cache holds v / v_scale (1 unless FP8); the merge below is linear in it
     if WRITE_OUT:  # a single split is the whole answer
         out = acc / l_i[:, None]
         o_ptrs = out_ptr + seq * stride_o_t + heads[:, None] * stride_o_h + d[None, :]

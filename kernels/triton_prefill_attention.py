@@ -18,10 +18,10 @@ from kiln.core.host_transfer import to_device
 from kiln.kernels.triton_decode_attention import NO_WINDOW
 
 
-# num_tiles changes with every step's batch: specialised (Triton's default for integer arguments: == 1,
-# divisible by 16, other), it would compile a new kernel the first time a step fell in another class, a
-# stall of the order of a second in the middle of serving.
-@triton.jit(do_not_specialize=["num_tiles"])
+# num_tiles and the block table's width (stride_bt) change with every step's batch: specialised (Triton's
+# default for integer arguments: == 1, divisible by 16, other), the kernel would compile again the first
+# time a step fell in another class, a stall of ~1 s in the middle of serving (docs/benchmarks.md round 8).
+@triton.jit(do_not_specialize=["num_tiles", "stride_bt"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

@@ -40,12 +40,33 @@ def log_kernel_compiles() -> None:
         _compile_started[key] = time.perf_counter()
         return False  # False: compile as usual
 
-    def after(*, key, repr, **_) -> None:  # noqa: A002 - Triton's keyword
+    def after(*, key, fn, compile, **_) -> None:  # noqa: A002 - Triton's keywords
         elapsed = time.perf_counter() - _compile_started.pop(key, time.perf_counter())
-        logger.warning("compiled kernel in %.0f ms: %s", elapsed * 1000, repr)
+        params = fn.jit_function.params
+        names = [param.name for param in params]
+        declared = {param.name for param in params if param.is_constexpr}
+        described = describe_specialisation(names, declared, compile["constants"], compile["configs"][0])
+        logger.warning("compiled kernel %s in %.0f ms: %s", fn.name, elapsed * 1000, described)
 
     knobs.runtime.jit_cache_hook = before
     knobs.runtime.jit_post_compile_hook = after
+
+
+def describe_specialisation(
+    names: list[str], declared_constexprs: set[str], constants: dict[tuple, object], attrs: dict[tuple, list]
+) -> str:
+    """'BLOCK_M=64, head_dim%16, stride_bt=1*' from Triton's compile arguments (keys are argument paths).
+
+    Declared constexprs show their values; arguments Triton specialised show `=value*` (an integer that
+    was 1) or `%16` (divisible by 16, or a 16-byte aligned pointer): the classes that compile anew.
+    """
+    parts = []
+    for index, name in enumerate(names):
+        if (index,) in constants:
+            parts.append(f"{name}={constants[(index,)]}" + ("" if name in declared_constexprs else "*"))
+        elif any(attr[0] == "tt.divisibility" for attr in attrs.get((index,), [])):
+            parts.append(f"{name}%16")
+    return ", ".join(parts)
 
 
 def describe_step(scheduled: SchedulerOutput) -> str:

@@ -42,7 +42,7 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         KILN_DECODE_FP8_AS_FP16=$fp16 timeout 120 python3 tests/kernels/perf_triton_attention.py \
           >"$out/attn-fp8-as-fp16-$fp16.txt" 2>&1; echo "attn KILN_DECODE_FP8_AS_FP16=$fp16 rc=$?"
         grep -A6 "float8" "$out/attn-fp8-as-fp16-$fp16.txt"; done ;;
-    attnsweep) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_triton_attention.py --sweep \
+    attnsweep) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_triton_attention.py --sweep ${ATTN_SWEEP:-} \
       >"$out/attn-sweep.txt" 2>&1; echo "attnsweep rc=$?"; cat "$out/attn-sweep.txt" ;;
     perf) timeout ${PERF_TIMEOUT:-260} python3 tests/kernels/perf_quantized_gemm.py --sweep ${SWEEP:-} 2>&1 | tee "$out/perf.txt" \
       | grep -v "OutOfResources" ;;

@@ -2,8 +2,8 @@
 
 Decode: 64 sequences x 2048 context, Llama-3-8B heads (32 q / 8 kv, head_dim 128), bf16, block 16,
 against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick); then 256 x 1024
-with an FP8 cache and with a bf16 one. `--sweep`: the decode kernel's tile settings (DECODE_TILES) at
-256 x 1024, for each cache type.
+with an FP8 cache and with a bf16 one. `--sweep [fp8]`: the decode kernel's tile settings (DECODE_TILES) at
+256 x 1024, for each cache type (or the FP8 cache only).
 Prefill: 4 prompts x 2048 tokens against causal SDPA on contiguous tensors.
 """
 
@@ -93,8 +93,8 @@ def decode_table(num_seqs: int = 64, context_len: int = 2048, cache_dtype: torch
     row("torch SDPA, contiguous K/V repeated to 32 heads", bench(sdpa_mha), 4 * kv_bytes)
 
 
-def tile_sweep(num_seqs: int = 256, context_len: int = 1024) -> None:
-    for cache_dtype in (torch.float8_e4m3fn, torch.bfloat16):
+def tile_sweep(cache_dtypes: tuple[torch.dtype, ...], num_seqs: int = 256, context_len: int = 1024) -> None:
+    for cache_dtype in cache_dtypes:
         print(f"decode tile sweep: {num_seqs} seqs x {context_len} context, {cache_dtype} cache, 1 split")
         case = make_case(
             [1] * num_seqs, [context_len] * num_seqs, HEADS, torch.bfloat16, 16, seed=0, cache_dtype=cache_dtype
@@ -133,8 +133,8 @@ def prefill_table(num_seqs: int = 4, prompt_len: int = 2048) -> None:
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    if "--sweep" in sys.argv:
-        tile_sweep()
+    if "--sweep" in sys.argv:  # `--sweep fp8`: the FP8 cache only
+        tile_sweep((torch.float8_e4m3fn,) if "fp8" in sys.argv else (torch.float8_e4m3fn, torch.bfloat16))
         sys.exit()
     decode_table()
     decode_table(256, 1024, torch.float8_e4m3fn)  # a 1000/1000 step's shape, FP8 cache

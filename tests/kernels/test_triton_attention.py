@@ -262,20 +262,39 @@ def compiled_variants(kernel) -> int:
     return sum(len(caches[0]) for caches in kernel.device_caches.values())
 
 
+def assert_compiled_once(kernel, steps: list[tuple[list[int], list[int]]], num_splits: int | None = None) -> None:
+    """Every step (query lengths, context lengths) runs `kernel` without compiling it again after the first."""
+    before = None
+    for query_lens, seq_lens in steps:
+        check_attention(make_case(query_lens, seq_lens, LLAMA3, BF16, 16, seed=8), None, num_splits=num_splits)
+        before = compiled_variants(kernel) if before is None else before
+        assert compiled_variants(kernel) == before, (query_lens, seq_lens)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
 def test_prefill_steps_of_any_size_reuse_one_compiled_kernel():
-    # A serving engine's steps bring 1, 16, 17, ... query tiles. Specialised on its integer arguments, the
-    # kernel would compile again for each class (== 1, divisible by 16, other): a stall mid-serving.
+    # A serving engine's steps bring 1, 16, 17, ... query tiles, and block tables 1, 16, 44, ... blocks
+    # wide. Specialised on those integers, the kernel would compile again for each class (== 1, divisible
+    # by 16, other): a stall of ~1 s mid-serving (docs/benchmarks.md round 8 caught one on a 64-block
+    # table). Prompts > 16 tokens take 64-query tiles; shorter ones 16-query tiles, a kernel of their own.
     from kiln.kernels.triton_prefill_attention import _prefill_kernel
 
-    before = None
-    # 1, 16, 17 and 12 tiles of 64 queries (every prompt > 16 tokens: shorter ones take 16-query tiles,
-    # a compile-time block size, so another kernel of their own)
-    for prompt_lens in ([17], [64] * 16, [64] * 16 + [17], [700, 17]):
-        check_attention(make_case(prompt_lens, prompt_lens, LLAMA3, BF16, 16, seed=8), None)
-        before = compiled_variants(_prefill_kernel) if before is None else before
-        assert compiled_variants(_prefill_kernel) == before, prompt_lens
+    long_prompts = [[17], [64] * 16, [64] * 16 + [17], [700, 17], [256, 17], [1024], [1000, 1000]]
+    assert_compiled_once(_prefill_kernel, [(lens, lens) for lens in long_prompts])
+    short_prompts = [([4], [4]), ([8, 3], [256, 3]), ([16], [70]), ([5, 1], [1024, 16])]
+    assert_compiled_once(_prefill_kernel, short_prompts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_eager_decode_steps_of_any_width_reuse_one_compiled_kernel(num_splits):
+    # Decode steps past the largest CUDA graph run eagerly: block tables of 1, 16, 64 or 5 blocks.
+    from kiln.kernels.triton_decode_attention import _decode_split_kernel
+
+    steps = [([1] * n, lens) for n, lens in ((3, [9, 2, 16]), (2, [256, 30]), (4, [1024, 5, 7, 900]), (1, [70]))]
+    assert_compiled_once(_decode_split_kernel, steps, num_splits=num_splits)
 
 
 @pytest.mark.gpu
