@@ -55,6 +55,17 @@ class RequestTrace:
     def e2e(self) -> float:
         return self.end - self.start
 
+    def record(self, run_start: float) -> dict:
+        """One line of a report's requests.jsonl: when it was sent (s after the run's first request) and what
+        it took (ms), with its longest gap between two tokens, which names the requests a stall hit."""
+        ms = lambda seconds: None if seconds is None else round(seconds * 1000, 3)  # noqa: E731
+        return {
+            "start_s": round(self.start - run_start, 6), "ttft_ms": ms(self.ttft), "tpot_ms": ms(self.tpot),
+            "e2e_ms": ms(self.e2e), "max_itl_ms": ms(max(self.itls, default=None)),
+            "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens, "success": self.success,
+            "error": self.error,
+        }  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Distribution:

@@ -1,6 +1,7 @@
 """Benchmark reports: an artifact (kind bench-report) that someone else can reproduce from, and compare.
 
-A report directory holds results.json and results.yaml (the same data), latency plots (PNG) and a
+A report directory holds results.json and results.yaml (the same data), requests.jsonl (one line per
+measured request: run, when it was sent, TTFT, TPOT, longest gap between tokens), latency plots (PNG) and a
 manifest whose spec is the full resolved command and whose extra records the environment (GPU name
 and count, driver, CUDA, torch, triton, kiln), the model's manifest digest, the seed and the
 workload's digest. `validate_report` refuses a report whose files do not match its manifest or
@@ -53,6 +54,7 @@ def write_report(
     with ArtifactWriter(out_dir, kind="bench-report", force=force) as writer:
         (writer.path / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         (writer.path / "results.yaml").write_text(yaml.safe_dump(results, sort_keys=False), encoding="utf-8")
+        _write_requests(writer.path / "requests.jsonl", traces)
         _plot(writer.path, summaries, traces)
         model = {}
         parent = None
@@ -67,6 +69,14 @@ def write_report(
             extra={"environment": environment(), "workload_digest": workload_digest, "seed": options.get("seed")},
         )
     return load_artifact(out_dir, kind="bench-report")
+
+
+def _write_requests(path: Path, traces: dict[str, list[RequestTrace]]) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for name, run in traces.items():
+            run_start = min((trace.start for trace in run), default=0.0)
+            for index, trace in enumerate(run):
+                out.write(json.dumps({"run": name, "index": index, **trace.record(run_start)}) + "\n")
 
 
 def _has_weights(model_dir: Path) -> bool:

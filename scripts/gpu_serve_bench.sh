@@ -27,6 +27,11 @@ for quant in ${*:-bf16 fp8}; do
     --vocab-size 128256 --json -o "$out/serve-bench-$quant" --force >"$out/serve-bench-$quant.json" \
     2>"$out/serve-bench-$quant.log"
   echo "serve-bench-$quant rc=$? $((SECONDS - t0)) s"
+  # The server's own TTFT histogram (from the request's arrival to its first token): against the client's
+  # TTFT it splits the time between the engine and the HTTP path.
+  python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$port/metrics').read().decode())" \
+    >"$out/metrics-$quant.txt" 2>&1
+  grep -E "^kiln_time_to_first_token_seconds_(sum|count)" "$out/metrics-$quant.txt"
   kill -TERM $server; wait $server
 done
 python3 scripts/summarize_bench.py "$out"

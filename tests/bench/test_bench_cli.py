@@ -105,6 +105,19 @@ def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, 
         assert run["goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs: every request is good
         assert run["ttft_ms"]["p99"] >= run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["count"] == 8 * 5
     assert (out / "throughput_vs_concurrency.png").is_file()
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert [(r["run"], r["index"]) for r in records] == [(run, i) for run in ("1", "4") for i in range(8)]
+    for record in records:  # each request's own numbers: they make up the run's distribution above
+        assert record["success"] and record["output_tokens"] == 6 and record["prompt_tokens"] == 10
+        assert 0 < record["ttft_ms"] <= record["e2e_ms"] and record["max_itl_ms"] > 0 and record["tpot_ms"] > 0
+    one_at_a_time = [r for r in records if r["run"] == "1"]
+    assert (
+        one_at_a_time[0]["start_s"] == 0
+        and all(  # concurrency 1: each request waits for the one before
+            later["start_s"] * 1000 >= earlier["start_s"] * 1000 + earlier["e2e_ms"] - 1
+            for earlier, later in zip(one_at_a_time, one_at_a_time[1:])
+        )
+    )
 
 
 def test_bench_serve_counts_the_tokens_of_a_model_without_tokenizer(

@@ -63,3 +63,16 @@ def test_warmup_requests_are_shaped_like_the_measured_ones_but_share_no_prompt()
     warmup = _warmup_requests(spec, measured, 2, 1000)
     assert [len(r.prompt_token_ids) for r in warmup] == [16, 16] and {r.output_len for r in warmup} == {8}
     assert not {tuple(r.prompt_token_ids) for r in warmup} & {tuple(r.prompt_token_ids) for r in measured}
+
+
+def test_request_records_by_hand():
+    # The report's requests.jsonl lines: sent at (s after the run's first request), latencies in ms.
+    slow = TRACES[3].record(run_start=0.0)
+    assert slow == {
+        "start_s": 1.0, "ttft_ms": 400.0, "tpot_ms": 600.0, "e2e_ms": 1000.0, "max_itl_ms": 200.0,
+        "prompt_tokens": 10, "output_tokens": 2, "success": True, "error": None,
+    }  # fmt: skip
+    single = TRACES[2].record(run_start=0.5)
+    assert (single["start_s"], single["tpot_ms"], single["max_itl_ms"]) == (0.5, None, None)
+    failed = RequestTrace(2.0, (), 2.5, 10, False, "boom").record(run_start=0.0)
+    assert (failed["ttft_ms"], failed["success"], failed["error"]) == (None, False, "boom")
