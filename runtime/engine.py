@@ -28,6 +28,7 @@ from kiln.runtime.cuda_graphs import DecodeGraphs, DecodeGraphSpec, capture_deco
 from kiln.runtime.engine_artifact import apply_engine_options, engine_manifest, prepare_engine
 from kiln.runtime.engine_config import EngineConfig, resolve_device, resolve_kv_cache_dtype
 from kiln.runtime.engine_limits import EngineLimits, resolve_limits
+from kiln.runtime.gc_tuning import tune_garbage_collector
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import KVCachePlan, plan_rank_kv_blocks
 from kiln.runtime.model_runner import LaunchedStep, ModelRunner
@@ -48,6 +49,7 @@ class LLMEngine:
     """Continuous-batching generation over a paged KV cache, one step at a time."""
 
     def __init__(self, model_dir: Path, config: EngineConfig) -> None:
+        tune_garbage_collector()  # fewer collections of the objects each step makes (runtime/gc_tuning.py)
         self._stall_ms = stall_threshold_ms()  # KILN_LOG_STALLS: slow steps and kernel compiles are logged
         if self._stall_ms is not None:
             log_kernel_compiles()
