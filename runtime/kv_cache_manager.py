@@ -92,10 +92,12 @@ class KVCacheManager:
         `cache_computed_blocks`, once tokens are computed) and kept so every call names the request's tokens.
         """
         block_table = self._block_tables.get(request_id, [])
+        num_tokens = num_computed_tokens + num_new_tokens
+        if cached_prefix is None and block_table and len(block_table) * self.block_size >= num_tokens:
+            return []  # the common decode step: its token fits in the last block (a fast path, same result)
         prefix_block_ids = cached_prefix.block_ids if cached_prefix is not None else ()
         if prefix_block_ids:
             self._check_prefix(request_id, block_table, cached_prefix, num_computed_tokens)
-        num_tokens = num_computed_tokens + num_new_tokens
         num_required_blocks = -(-num_tokens // self.block_size)
         num_new_blocks = max(num_required_blocks - len(block_table) - len(prefix_block_ids), 0)
         # Reviving a cached block that sits in the free queue takes it out of the queue: count it, or the new
@@ -157,6 +159,8 @@ class KVCacheManager:
         block_table = self._block_tables[request_id]
         block_hashes = self._block_hashes[request_id]
         num_full_blocks = min(num_computed_tokens, len(token_ids)) // self.block_size
+        if num_full_blocks <= len(block_hashes):
+            return  # most steps: no block became full
         for index in range(len(block_hashes), min(num_full_blocks, len(block_table))):
             parent_hash = block_hashes[-1] if block_hashes else ROOT_BLOCK_HASH
             start = index * self.block_size
