@@ -38,7 +38,7 @@ from kiln.runtime.request import Request
 from kiln.runtime.request_group import RequestGroup
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerOutput
-from kiln.runtime.stall_log import describe_step, log_kernel_compiles, stall_threshold_ms
+from kiln.runtime.stall_log import SlowStepLog
 from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
 from kiln.runtime.tp_workers import CacheSpec, release_graphs
 
@@ -50,9 +50,7 @@ class LLMEngine:
 
     def __init__(self, model_dir: Path, config: EngineConfig) -> None:
         tune_garbage_collector()  # fewer collections of the objects each step makes (runtime/gc_tuning.py)
-        self._stall_ms = stall_threshold_ms()  # KILN_LOG_STALLS: slow steps and kernel compiles are logged
-        if self._stall_ms is not None:
-            log_kernel_compiles()
+        self._stall_log = SlowStepLog()  # KILN_LOG_STALLS: slow steps and kernel compiles are logged
         device = resolve_device(config.device)
         manifest = engine_manifest(model_dir)
         if manifest is not None:  # a `kiln build` engine: its planned options, its fingerprint, its kernels
@@ -232,13 +230,9 @@ class LLMEngine:
         With async scheduling that is the step launched by the previous call, read back after this call's
         launch (a first call returns nothing); otherwise the step launched now.
         """
-        if self._stall_ms is None:
-            return self._step()
         started = time.perf_counter()
         outputs = self._step()
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        if elapsed_ms > self._stall_ms:
-            logger.warning("slow step: %.0f ms; it launched %s", elapsed_ms, describe_step(self._last_scheduled))
+        self._stall_log.after_step(started, self._last_scheduled)
         return outputs
 
     def _step(self) -> list[RequestOutput]:

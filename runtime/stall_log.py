@@ -52,6 +52,23 @@ def log_kernel_compiles() -> None:
     knobs.runtime.jit_post_compile_hook = after
 
 
+class SlowStepLog:
+    """KILN_LOG_STALLS for one engine: kernel compiles logged from its creation on, slow steps after each step."""
+
+    def __init__(self) -> None:
+        self.threshold_ms = stall_threshold_ms()
+        if self.threshold_ms is not None:
+            log_kernel_compiles()
+
+    def after_step(self, started: float, scheduled: SchedulerOutput) -> None:
+        """Log the step begun at `started` (time.perf_counter) if it took longer than the threshold."""
+        if self.threshold_ms is None:
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if elapsed_ms > self.threshold_ms:
+            logger.warning("slow step: %.0f ms; it launched %s", elapsed_ms, describe_step(scheduled))
+
+
 def describe_specialisation(
     names: list[str], declared_constexprs: set[str], constants: dict[tuple, object], attrs: dict[tuple, list]
 ) -> str:

@@ -173,9 +173,9 @@ def test_slow_steps_are_logged_with_what_they_computed(model_dir: Path, monkeypa
     monkeypatch.setenv("KILN_LOG_STALLS", "0")
     engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", num_kv_blocks=64, async_scheduling=False))
     engine.add_request([5, 9, 13, 2, 7], SamplingParams(max_tokens=2), request_id="a")
-    with caplog.at_level("WARNING", logger="kiln.runtime.engine"):
+    with caplog.at_level("WARNING", logger="kiln.runtime.stall_log"):
         run_to_completion(engine)
-    lines = [record.getMessage() for record in caplog.records if record.name == "kiln.runtime.engine"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "kiln.runtime.stall_log"]
     assert len(lines) == 2 and all(line.startswith("slow step: ") for line in lines)
     assert lines[0].endswith("it launched 0 decode tokens, prefill chunks of 5 tokens")
     assert lines[1].endswith("it launched 1 decode tokens")
