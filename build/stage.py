@@ -199,7 +199,7 @@ def _warm_kernel_cache(engine_dir: Path, plan: BuildPlan) -> dict[str, Any]:
     """Start the engine once with Triton's cache inside it: every kernel it uses gets compiled there."""
     from kiln.runtime.engine import LLMEngine
     from kiln.runtime.engine_config import EngineConfig
-    from kiln.runtime.sampling_params import SamplingParams
+    from kiln.runtime.warm_up import warm_up
 
     cache_dir = engine_dir / KERNEL_CACHE_DIR
     previous = os.environ.get("TRITON_CACHE_DIR")
@@ -207,13 +207,9 @@ def _warm_kernel_cache(engine_dir: Path, plan: BuildPlan) -> dict[str, Any]:
     try:
         options = {**engine_options(plan), "cuda_graph_batch_sizes": plan.cuda_graph_batch_sizes}
         engine = LLMEngine(engine_dir, EngineConfig(**options, device="cuda"))
-        # Two prompts, one after the other: the prefill attention kernel has a variant for prompts of at most
-        # 16 new tokens (16-query tiles) and one for longer ones (64); each compiles on first use otherwise.
-        long_prompt = min(80, engine.limits.max_seq_len - 4)
-        for length in (4, long_prompt) if long_prompt > 16 else (4,):
-            engine.add_request([1, 2, 3, 4] * (length // 4), SamplingParams(max_tokens=4, ignore_eos=True))
-            while engine.has_unfinished:
-                engine.step()
+        # The engine's start-up ran its warm-up prompts already (runtime/warm_up.py), unless KILN_WARM_UP=0:
+        # once more, so the engine's cache holds the prefill path's kernels either way (nothing compiles twice).
+        warm_up(engine)
         del engine
         torch.cuda.empty_cache()
     finally:

@@ -41,6 +41,7 @@ from kiln.runtime.scheduler import Scheduler, SchedulerOutput
 from kiln.runtime.stall_log import SlowStepLog
 from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
 from kiln.runtime.tp_workers import CacheSpec, release_graphs
+from kiln.runtime.warm_up import warm_up, warm_up_wanted
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class LLMEngine:
         self._in_flight: LaunchedStep | None = None
         self._last_scheduled = SchedulerOutput()  # for KILN_LOG_STALLS
         self._num_penalised_requests = 0  # their sampling reads all earlier tokens: no step may be in flight
+        if warm_up_wanted(device.type):
+            warm_up(self)  # the prefill path's kernels compile now, not on the first request
 
     def _resolve_async_scheduling(self, device: torch.device) -> bool:
         if self.config.pp_size > 1:

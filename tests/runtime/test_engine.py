@@ -188,3 +188,34 @@ def test_stall_threshold_must_be_milliseconds(monkeypatch, caplog) -> None:
     assert stall_threshold_ms() is None and "is not a number of milliseconds" in caplog.text
     monkeypatch.setenv("KILN_LOG_STALLS", "250")
     assert stall_threshold_ms() == 250.0
+
+
+def test_warm_up_leaves_no_trace(model_dir: Path) -> None:
+    # CUDA engines run it at start (runtime/warm_up.py); here by hand. The requests after it get the same ids
+    # and the same samples from the engine's seed stream as without it, and no counter remembers it.
+    from kiln.runtime.warm_up import warm_up
+
+    config = EngineConfig(dtype="fp32", num_kv_blocks=64, max_seq_len=128)
+    plain, warmed = LLMEngine(model_dir, config), LLMEngine(model_dir, config)
+    warm_up(warmed)
+    assert not warmed.has_unfinished and warmed.kv_cache.usage == 0 and not warmed.groups
+    assert warmed.scheduler.stats.num_steps == 0 and warmed.kv_cache.prefix_hit_rate == 0.0
+    params = SamplingParams(max_tokens=8, temperature=1.0)  # unseeded: each sample draws from the seed stream
+    results = []
+    for engine in (plain, warmed):
+        ids = [engine.add_request(prompt, params) for prompt in prompts()[:3]]
+        results.append((ids, {key: out.token_ids for key, out in run_to_completion(engine).items()}))
+    assert results[0] == results[1] and results[0][0] == ["0", "1", "2"]
+    assert warmed.kv_cache.find_cached_prefix([1, 2, 3, 4] * 20).num_tokens == 0  # the warm-up prompts are gone
+
+
+def test_warm_up_prompts_and_when_it_runs(monkeypatch) -> None:
+    from kiln.runtime.warm_up import warm_up_prompts, warm_up_wanted
+
+    assert [len(p) for p in warm_up_prompts(4096)] == [4, 80] and warm_up_prompts(4096)[1][:6] == [1, 2, 3, 4, 1, 2]
+    assert [len(p) for p in warm_up_prompts(60)] == [4, 56]  # the long prompt and its tokens fit max_seq_len
+    assert [len(p) for p in warm_up_prompts(16)] == [4] and warm_up_prompts(7) == []
+    monkeypatch.delenv("KILN_WARM_UP", raising=False)
+    assert warm_up_wanted("cuda") and not warm_up_wanted("cpu")
+    monkeypatch.setenv("KILN_WARM_UP", "0")
+    assert not warm_up_wanted("cuda")

@@ -1,0 +1,53 @@
+"""A CUDA engine's first generations, run at start so that no user request pays for kernel compilation.
+
+Triton compiles each kernel variant on first use (~0.1-1 s each on an empty cache). Decode-graph capture
+compiles the decode path at start; the prefill path (the 16- and 64-query prefill attention tiles, the
+rotary and KV-store kernels at prefill shapes, sampling) compiled on a server's first requests: two
+steps of 430-600 ms on an H200 (docs/benchmarks.md, round 8). An engine from `kiln build` ships those
+kernels in its cache, so there this costs a few hundred milliseconds of start and compiles nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import SchedulerStats
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import LLMEngine
+
+WARM_UP_TOKENS = 4  # generated per warm-up prompt: a prefill step, then decode steps
+LONG_PROMPT_LENGTH = 80  # > 16 new tokens: the prefill attention's 64-query tiles (<= 16: its 16-query tiles)
+
+
+def warm_up_prompts(max_seq_len: int) -> list[list[int]]:
+    """A 4-token prompt and, where max_seq_len allows, an 80-token one (token ids 1-4: in any vocabulary)."""
+    if max_seq_len < 4 + WARM_UP_TOKENS:
+        return []
+    long_length = min(LONG_PROMPT_LENGTH, max_seq_len - WARM_UP_TOKENS)
+    lengths = (4, long_length) if long_length > 16 else (4,)
+    return [([1, 2, 3, 4] * (length // 4 + 1))[:length] for length in lengths]
+
+
+def warm_up_wanted(device_type: str) -> bool:
+    """On CUDA (the only place kernels compile), unless KILN_WARM_UP=0."""
+    return device_type == "cuda" and os.environ.get("KILN_WARM_UP") != "0"
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """Generate from the warm-up prompts, one after the other, and leave no trace in the engine's state.
+
+    Explicit request ids and seeds: the engine's id counter and seed stream are untouched, so the requests
+    that follow get the ids and samples they get without a warm-up. The step and prefix-cache counters
+    start again from zero, and the prefix cache forgets the warm-up prompts.
+    """
+    params = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=0.0, ignore_eos=True, seed=0)
+    for index, prompt in enumerate(warm_up_prompts(engine.limits.max_seq_len)):
+        engine.add_request(prompt, params, request_id=f"kiln-warm-up-{index}")
+        while engine.has_unfinished:
+            engine.step()
+    engine.scheduler.stats = SchedulerStats()
+    engine.kv_cache.num_prefix_queries = engine.kv_cache.num_prefix_hits = 0
+    engine.kv_cache.reset_prefix_cache()
