@@ -199,7 +199,7 @@ def _warm_kernel_cache(engine_dir: Path, plan: BuildPlan) -> dict[str, Any]:
     """Start the engine once with Triton's cache inside it: every kernel it uses gets compiled there."""
     from kiln.runtime.engine import LLMEngine
     from kiln.runtime.engine_config import EngineConfig
-    from kiln.runtime.warm_up import warm_up
+    from kiln.runtime.warm_up import warm_up, warm_up_wanted
 
     cache_dir = engine_dir / KERNEL_CACHE_DIR
     previous = os.environ.get("TRITON_CACHE_DIR")
@@ -207,9 +207,10 @@ def _warm_kernel_cache(engine_dir: Path, plan: BuildPlan) -> dict[str, Any]:
     try:
         options = {**engine_options(plan), "cuda_graph_batch_sizes": plan.cuda_graph_batch_sizes}
         engine = LLMEngine(engine_dir, EngineConfig(**options, device="cuda"))
-        # The engine's start-up ran its warm-up prompts already (runtime/warm_up.py), unless KILN_WARM_UP=0:
-        # once more, so the engine's cache holds the prefill path's kernels either way (nothing compiles twice).
-        warm_up(engine)
+        # Its start-up ran the warm-up prompts (runtime/warm_up.py) unless KILN_WARM_UP=0 turned that off: the
+        # engine's cache holds the prefill path's kernels either way.
+        if not warm_up_wanted("cuda"):
+            warm_up(engine)
         del engine
         torch.cuda.empty_cache()
     finally:

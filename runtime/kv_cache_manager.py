@@ -180,5 +180,8 @@ class KVCacheManager:
         return list(self._block_tables.get(request_id, ()))
 
     def reset_prefix_cache(self) -> bool:
-        """Drop every prefix hash, only when no block is in use; returns whether it did."""
-        return self.pool.reset_prefix_cache()
+        """Drop every prefix hash and the hit counters, only when no block is in use; returns whether it did."""
+        if not self.pool.reset_prefix_cache():
+            return False
+        self.num_prefix_queries = self.num_prefix_hits = 0  # the hit rate describes the cache since the reset
+        return True

@@ -49,5 +49,4 @@ def warm_up(engine: LLMEngine) -> None:
         while engine.has_unfinished:
             engine.step()
     engine.scheduler.stats = SchedulerStats()
-    engine.kv_cache.num_prefix_queries = engine.kv_cache.num_prefix_hits = 0
-    engine.kv_cache.reset_prefix_cache()
+    engine.kv_cache.reset_prefix_cache()  # its hit counters too
