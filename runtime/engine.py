@@ -185,14 +185,22 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
-        """Queue a prompt; refuses it up front if it cannot fit max_seq_len or the vocabulary."""
+        """Queue a prompt; refuses it up front if it cannot fit max_seq_len or the vocabulary.
+
+        arrival_time (time.monotonic()) is when the caller received it, for a server whose requests wait
+        for the engine's thread; by default, now.
+        """
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise UserInputError(f"request id {request_id!r} is already in use")
         self._validate(prompt_token_ids, params)
         sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        samples = [self._new_sample(sample_id, i, prompt_token_ids, params) for i, sample_id in enumerate(sample_ids)]
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        samples = [
+            self._new_sample(sample_id, i, prompt_token_ids, params, arrival) for i, sample_id in enumerate(sample_ids)
+        ]
         group = RequestGroup(request_id, prompt, prompt_token_ids, params, samples, self.tokenizer)
         self.groups[request_id] = group
         self._num_penalised_requests += params.needs_output_tokens_on_host
@@ -213,9 +221,11 @@ class LLMEngine:
                 f"max_seq_len={self.limits.max_seq_len}; shorten the prompt or lower max_tokens"
             )
 
-    def _new_sample(self, sample_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def _new_sample(
+        self, sample_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float
+    ) -> Request:
         seed = params.seed + index if params.seed is not None else self._seed_stream.getrandbits(63)
-        return Request(sample_id, list(prompt_token_ids), params, self.eos_token_ids, seed)
+        return Request(sample_id, list(prompt_token_ids), params, self.eos_token_ids, seed, arrival_time=arrival_time)
 
     @property
     def async_scheduling(self) -> bool:

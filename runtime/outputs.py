@@ -45,6 +45,20 @@ class RequestMetrics:
     num_prompt_tokens: int
     num_cached_prompt_tokens: int  # found in the prefix cache, not computed
     num_preemptions: int
+    first_scheduled_time: float | None = None  # the first step that computed any of it was scheduled
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival until a step first took the request (waiting for a batch slot or KV blocks)."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def prefill_time(self) -> float | None:
+        """Seconds from the first scheduled step to the first token: computing the prompt, and the step
+        already in flight when it was scheduled (async scheduling)."""
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
 
     @property
     def time_to_first_token(self) -> float | None:

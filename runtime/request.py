@@ -36,6 +36,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    first_scheduled_time: float | None = None  # its first step was scheduled: the end of its queueing
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0

@@ -99,6 +99,7 @@ class RequestGroup:
             num_prompt_tokens=len(self.prompt_token_ids),
             num_cached_prompt_tokens=first.num_cached_prompt_tokens,
             num_preemptions=first.num_preemptions if self._single else sum(s.num_preemptions for s in self.samples),
+            first_scheduled_time=first.first_scheduled_time,  # the first sample computes the shared prompt
         )
         return RequestOutput(
             request_id=self.request_id,

@@ -107,6 +107,7 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        now = time.monotonic() if self.waiting else 0.0
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             request = self.waiting[0]
             num_computed, cached_prefix = self._reusable_prefix(request)
@@ -123,6 +124,8 @@ class Scheduler:
                 request.num_cached_prompt_tokens = num_computed
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:  # a preempted request's queueing ended the first time
+                request.first_scheduled_time = now
             self.running.append(request)
             self._schedule_chunk(output, request, num_computed, num_new)
             budget -= num_new

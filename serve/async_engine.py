@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -54,7 +55,8 @@ class AsyncEngine:
         request_id = f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", request_id, prompt_token_ids, params, loop, sink))
+        # Arrival is now, not when the engine thread takes the command: its wait counts in TTFT and queue time.
+        self._commands.put(("add", request_id, prompt_token_ids, params, loop, sink, time.monotonic()))
         finished = False
         try:
             while not finished:
@@ -100,10 +102,10 @@ class AsyncEngine:
     def _apply(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, token_ids, params, loop, sink = command
+            _, request_id, token_ids, params, loop, sink, arrival_time = command
             self._sinks[request_id] = (loop, sink)
             try:
-                self.engine.add_request(token_ids, params, request_id=request_id)
+                self.engine.add_request(token_ids, params, request_id=request_id, arrival_time=arrival_time)
             except Exception as exc:  # refused (too long, bad token ids): the handler answers 400
                 self._deliver(request_id, exc, done=True)
         elif kind == "abort":

@@ -7,7 +7,29 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from kiln.runtime.outputs import RequestOutput
 from kiln.serve.async_engine import EngineStats
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    30.0,
+    60.0,
+)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 
 
@@ -30,6 +52,14 @@ class ServerMetrics:
             "kiln_time_per_output_token_seconds", "Mean time between output tokens of a request",
             buckets=TOKEN_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.queue_time = Histogram(
+            "kiln_request_queue_time_seconds", "Arrival until a step first took the request",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prefill_time = Histogram(
+            "kiln_request_prefill_time_seconds", "First scheduled step to first token",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.e2e = Histogram(
             "kiln_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r
         )
@@ -50,8 +80,13 @@ class ServerMetrics:
         generated = sum(len(completion.token_ids) for completion in output.outputs)
         self.prompt_tokens.inc(metrics.num_prompt_tokens)
         self.generation_tokens.inc(generated)
-        if metrics.time_to_first_token is not None:
-            self.ttft.observe(metrics.time_to_first_token)
+        for histogram, seconds in (
+            (self.ttft, metrics.time_to_first_token),
+            (self.queue_time, metrics.queue_time),
+            (self.prefill_time, metrics.prefill_time),
+        ):
+            if seconds is not None:
+                histogram.observe(seconds)
         if metrics.latency is not None:
             self.e2e.observe(metrics.latency)
             longest = max(len(completion.token_ids) for completion in output.outputs)

@@ -38,7 +38,9 @@ def test_text_prompts_stream_and_chat(tiny_llama_dir: Path) -> None:
     assert "".join(delta.text for delta in deltas) == whole.text
     assert sum((delta.token_ids for delta in deltas), []) == whole.token_ids
     assert deltas[-1].output.finished and whole.finish_reason == "length"
-    assert whole.metrics.arrival_time <= whole.metrics.first_token_time <= whole.metrics.finish_time
+    metrics = whole.metrics
+    assert metrics.arrival_time <= metrics.first_scheduled_time <= metrics.first_token_time <= metrics.finish_time
+    assert metrics.queue_time + metrics.prefill_time == pytest.approx(metrics.time_to_first_token)
     chat = llm.chat([{"role": "user", "content": "hi"}], params)
     assert chat[0].prompt_token_ids == llm.tokenizer("user: hi\nassistant:", add_special_tokens=False).input_ids
 

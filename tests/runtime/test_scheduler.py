@@ -33,9 +33,12 @@ def test_chunked_prefill_under_the_token_budget() -> None:
     scheduler.add(b)
     assert chunks(step(scheduler)) == [("a", 0, 10)]  # a's prompt is chunked; b waits for budget
     assert kv.block_ids("a") == [1, 2, 3]
+    assert a.arrival_time <= a.first_scheduled_time and b.first_scheduled_time is None  # b is still queued
+    first_scheduled = a.first_scheduled_time
     assert chunks(step(scheduler)) == [("a", 10, 4), ("b", 0, 6)]  # a finishes its prompt, b starts
     assert kv.block_ids("a") == [1, 2, 3, 4] and kv.block_ids("b") == [5, 6]
     assert a.output_token_ids == [7] and b.output_token_ids == [7]
+    assert a.first_scheduled_time == first_scheduled < b.first_scheduled_time <= b.first_token_time
     assert chunks(step(scheduler)) == [("a", 14, 1), ("b", 6, 1)]  # both decode
     assert a.num_computed_tokens == 15 and a.num_tokens == 16
 
@@ -73,12 +76,16 @@ def test_preemption_takes_the_newest_and_requeues_it_first() -> None:
     assert [kv.block_ids(r) for r in "ab"] == [[1, 4, 6], [2, 5, 3]]  # tail block 6 was freed first
     assert c.status is RequestStatus.PREEMPTED and c.num_computed_tokens == 0 and c.num_preemptions == 1
     assert kv.block_ids("c") == [] and len(c.output_token_ids) == 5  # tokens kept, KV recomputed later
+    first_scheduled = c.first_scheduled_time
     for _ in range(3):
         assert not step(scheduler).preempted
     output = step(scheduler)  # position 12: a fourth block each; b goes next, ahead of c in the queue
     assert [r.request_id for r in output.preempted] == ["b"]
     assert chunks(output) == [("a", 12, 1)]
     assert [r.request_id for r in scheduler.waiting] == ["b", "c"]
+    while c.status is not RequestStatus.RUNNING:
+        step(scheduler)
+    assert c.first_scheduled_time == first_scheduled  # its queueing ended the first time, not at re-admission
 
 
 def test_everything_finishes_and_frees_every_block() -> None:

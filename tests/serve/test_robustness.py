@@ -119,6 +119,13 @@ def test_64_streaming_clients_some_leaving_early(server) -> None:
     assert metric(server, "kiln_kv_cache_blocks_in_use") == 0
     assert metric(server, "kiln_generation_tokens_total") >= 48 * 24
     assert metric(server, "kiln_time_to_first_token_seconds_count") >= 48
+    # TTFT = queue time + prefill time for each request, so their sums agree too
+    queued, prefill = (
+        metric(server, "kiln_request_queue_time_seconds_sum"),
+        metric(server, "kiln_request_prefill_time_seconds_sum"),
+    )
+    assert queued > 0 and prefill > 0
+    assert queued + prefill == pytest.approx(metric(server, "kiln_time_to_first_token_seconds_sum"))
 
 
 def test_sigterm_lets_running_requests_finish(serve_checkpoint) -> None:
