@@ -9,7 +9,9 @@ kernels in its cache, so there this costs a few hundred milliseconds of start an
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from kiln.runtime.sampling_params import SamplingParams
@@ -17,6 +19,8 @@ from kiln.runtime.scheduler import SchedulerStats
 
 if TYPE_CHECKING:
     from kiln.runtime.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
 
 WARM_UP_TOKENS = 4  # generated per warm-up prompt: a prefill step, then decode steps
 LONG_PROMPT_LENGTH = 80  # > 16 new tokens: the prefill attention's 64-query tiles (<= 16: its 16-query tiles)
@@ -43,10 +47,17 @@ def warm_up(engine: LLMEngine) -> None:
     that follow get the ids and samples they get without a warm-up. The step and prefix-cache counters
     start again from zero, and the prefix cache forgets the warm-up prompts.
     """
+    started = time.perf_counter()
     params = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=0.0, ignore_eos=True, seed=0)
-    for index, prompt in enumerate(warm_up_prompts(engine.limits.max_seq_len)):
+    prompts = warm_up_prompts(engine.limits.max_seq_len)
+    for index, prompt in enumerate(prompts):
         engine.add_request(prompt, params, request_id=f"kiln-warm-up-{index}")
         while engine.has_unfinished:
             engine.step()
     engine.scheduler.stats = SchedulerStats()
     engine.kv_cache.reset_prefix_cache()  # its hit counters too
+    logger.info(
+        "warm-up: %d prompt(s) generated in %.2f s (KILN_WARM_UP=0 skips it)",
+        len(prompts),
+        time.perf_counter() - started,
+    )

@@ -73,8 +73,9 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         --num-requests 512 --input-len 128 --output-len 128 ;;
     start) t0=$SECONDS  # process start to first token of engines on local disk, bf16 / fp8 / int4-awq
       timeout ${START_TIMEOUT:-420} python3 scripts/start_to_first_token.py --make-dummy /tmp/kiln-start \
-        --preset llama-3-8b --quantizations ${START_QUANTS:-fp8 int4-awq} --repeat 2 >"$out/start.txt" 2>&1
-      echo "start rc=$? $((SECONDS - t0)) s"; grep -E "built in|median" "$out/start.txt" ;;
+        --preset llama-3-8b --quantizations ${START_QUANTS:-fp8 int4-awq} --repeat ${START_REPEAT:-2} \
+        ${START_EXPLAIN:+--explain} >"$out/start.txt" 2>&1  # START_EXPLAIN=1: kernel loads, warm-up, KILN_WARM_UP=0
+      echo "start rc=$? $((SECONDS - t0)) s"; grep -E "built in|median|kernel|KILN_WARM_UP" "$out/start.txt" ;;
     batch) for q in bf16 fp8; do for size in 256 1024; do
         quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
         bench "tp128-$q-b$size" throughput x "${common[@]}" "${quant[@]}" --max-batch-size $size \

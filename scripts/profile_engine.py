@@ -92,7 +92,8 @@ def _profile_decode_window(engine, requests, args) -> None:
 
     for request in requests:
         engine.add_request(list(request.prompt_token_ids), _params(request, True))
-    for _ in range(12):  # 256 x 128 prompt tokens take 4 steps of 8192; then decode is under way
+    prompt_tokens = sum(len(request.prompt_token_ids) for request in requests)
+    for _ in range(-(-prompt_tokens // engine.limits.max_num_tokens) + 8):  # the prompts' steps, then decode
         engine.step()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         started = time.perf_counter()

@@ -9,9 +9,13 @@ and builds DIR/engine from it, then times both. With --make-dummy DIR it builds 
 (`kiln build --dummy-weights`, on disk like any engine) for --preset in each of --quantizations (bf16, fp8,
 int4-awq), with a small tokenizer so they take text, and times those:
     python scripts/start_to_first_token.py --make-dummy /tmp/st --preset llama-3-8b --quantizations fp8 int4-awq
+With --explain, each model also runs once with its Triton kernel loads logged (KILN_LOG_STALLS: their number
+and time, and the warm-up's time) and once without the warm-up (KILN_WARM_UP=0).
 """
 
 import argparse
+import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -20,14 +24,27 @@ import time
 from pathlib import Path
 
 
-def time_run(model: str, extra: list[str]) -> float:
+def time_run(model: str, extra: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """(seconds, stderr) of one `kiln run` process."""
     command = [sys.executable, "-m", "kiln.cli.main", "run", model, "--prompt", "Hello", "--max-tokens", "1"]
     start = time.perf_counter()
-    done = subprocess.run([*command, "--ignore-eos", *extra], capture_output=True, text=True)
+    environment = {**os.environ, "COLUMNS": "400", **(env or {})}  # unwrapped log lines, to be parsed
+    done = subprocess.run([*command, "--ignore-eos", *extra], capture_output=True, text=True, env=environment)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"kiln run {model} failed:\n{done.stderr[-2000:]}")
-    return seconds
+    return seconds, done.stderr
+
+
+def explain(model: str, extra: list[str]) -> None:
+    """Where a start's time goes: Triton kernels loaded or compiled, the warm-up, and a start without it."""
+    seconds, log = time_run(model, extra, {"KILN_LOG_STALLS": "1e9"})
+    kernels = [float(ms) for ms in re.findall(r"compiled kernel \S+ in (\d+) ms", log)]
+    warm_up = re.search(r"warm-up: .* in ([0-9.]+) s", log)
+    print(f"{model}: {seconds:.2f} s with {len(kernels)} kernel(s) loaded or compiled in {sum(kernels) / 1000:.2f} s, "
+          f"warm-up {warm_up.group(1) if warm_up else '?'} s", flush=True)  # fmt: skip
+    seconds, _ = time_run(model, extra, {"KILN_WARM_UP": "0"})
+    print(f"{model}: {seconds:.2f} s with KILN_WARM_UP=0", flush=True)
 
 
 def make_8b(out: Path) -> list[str]:
@@ -85,13 +102,16 @@ def main() -> None:
     parser.add_argument("--make-dummy", type=Path)
     parser.add_argument("--preset", default="llama-3-8b", help="for --make-dummy: a preset name or a config.json")
     parser.add_argument("--quantizations", nargs="+", default=["bf16", "fp8", "int4-awq"])
+    parser.add_argument("--explain", action="store_true", help="also: kernel loads, warm-up, a start without it")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     models = args.models + (make_8b(args.make_8b) if args.make_8b else [])
     if args.make_dummy:
         models += make_dummy(args.make_dummy, args.preset, args.quantizations)
     for model in models:
-        times = [time_run(model, extra) for _ in range(args.repeat)]
+        times = [time_run(model, extra)[0] for _ in range(args.repeat)]
         print(f"{model}: median {statistics.median(times):.2f} s of {[round(t, 2) for t in times]}", flush=True)
+        if args.explain:
+            explain(model, extra)
 
 
 if __name__ == "__main__":
