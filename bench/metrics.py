@@ -33,6 +33,7 @@ class RequestTrace:
     prompt_tokens: int
     success: bool = True
     error: str | None = None
+    response_time: float | None = None  # a served request's response headers arrived (its stream began)
 
     @property
     def output_tokens(self) -> int:
@@ -57,13 +58,16 @@ class RequestTrace:
 
     def record(self, run_start: float) -> dict:
         """One line of a report's requests.jsonl: when it was sent (s after the run's first request) and what
-        it took (ms), with its longest gap between two tokens, which names the requests a stall hit."""
+        it took (ms), with its longest gap between two tokens, which names the requests a stall hit. A served
+        request's `response_ms` (send to response headers) splits its TTFT into the HTTP request's path and
+        what the server's engine took after it."""
         ms = lambda seconds: None if seconds is None else round(seconds * 1000, 3)  # noqa: E731
         return {
             "start_s": round(self.start - run_start, 6), "ttft_ms": ms(self.ttft), "tpot_ms": ms(self.tpot),
             "e2e_ms": ms(self.e2e), "max_itl_ms": ms(max(self.itls, default=None)),
             "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens, "success": self.success,
             "error": self.error,
+            "response_ms": None if self.response_time is None else ms(self.response_time - self.start),
         }  # fmt: skip
 
 

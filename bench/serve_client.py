@@ -32,12 +32,14 @@ async def _one(client, model: str, request: BenchRequest, ignore_eos: bool) -> R
     start = time.perf_counter()
     times: list[float] = []
     reported = None
+    responded = None
     try:
         stream = await client.completions.create(
             model=model, prompt=list(request.prompt_token_ids), max_tokens=request.output_len, stream=True,
             temperature=1.0, stream_options={"include_usage": True},
             extra_body={"ignore_eos": ignore_eos, "return_token_ids": True},
         )  # fmt: skip
+        responded = time.perf_counter()  # the server sent its headers: the request reached the engine
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices:
@@ -45,11 +47,13 @@ async def _one(client, model: str, request: BenchRequest, ignore_eos: bool) -> R
             if chunk.usage is not None:
                 reported = chunk.usage.completion_tokens
     except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash of the benchmark
-        return RequestTrace(start, tuple(times), time.perf_counter(), len(request.prompt_token_ids), False, str(exc))
+        return RequestTrace(
+            start, tuple(times), time.perf_counter(), len(request.prompt_token_ids), False, str(exc), responded
+        )
     end = time.perf_counter()
     if reported is not None and reported > len(times) and times:
         times += [times[-1]] * (reported - len(times))
-    return RequestTrace(start, tuple(times), end, len(request.prompt_token_ids))
+    return RequestTrace(start, tuple(times), end, len(request.prompt_token_ids), response_time=responded)
 
 
 async def run_load(

@@ -110,6 +110,7 @@ def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, 
     for record in records:  # each request's own numbers: they make up the run's distribution above
         assert record["success"] and record["output_tokens"] == 6 and record["prompt_tokens"] == 10
         assert 0 < record["ttft_ms"] <= record["e2e_ms"] and record["max_itl_ms"] > 0 and record["tpot_ms"] > 0
+        assert 0 < record["response_ms"] <= record["ttft_ms"]
     one_at_a_time = [r for r in records if r["run"] == "1"]
     assert (
         one_at_a_time[0]["start_s"] == 0

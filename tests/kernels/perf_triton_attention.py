@@ -2,8 +2,9 @@
 
 Decode: 64 sequences x 2048 context, Llama-3-8B heads (32 q / 8 kv, head_dim 128), bf16, block 16,
 against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick); then 256 x 1024
-with an FP8 cache and with a bf16 one. `--sweep [fp8]`: the decode kernel's tile settings (DECODE_TILES) at
-256 x 1024, for each cache type (or the FP8 cache only).
+with an FP8 cache and with a bf16 one. `--sweep [fp8] [--seqs N] [--context L]`: the decode kernel's tile
+settings (DECODE_TILES) at N sequences x L keys (256 x 1024 by default; 1024 x 160 is a 128/128 step's
+shape), for each cache type (or the FP8 cache only).
 Prefill: 4 prompts x 2048 tokens against causal SDPA on contiguous tensors.
 """
 
@@ -104,7 +105,7 @@ def tile_sweep(cache_dtypes: tuple[torch.dtype, ...], num_seqs: int = 256, conte
             decode_attention, case.q, case.k_cache, case.v_cache, case.metadata.block_tables, case.metadata.seq_lens,
             torch.empty_like(case.q), scale=1 / math.sqrt(HEADS[2]), sliding_window=None, num_splits=1,
         )  # fmt: skip
-        for block_n, num_warps, num_stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+        for block_n, num_warps, num_stages in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3)):
             name = f"  block_n={block_n} warps={num_warps} stages={num_stages}"
             try:
                 row(name, bench(functools.partial(decode, tile=DecodeTile(block_n, num_warps, num_stages))), kv_bytes)
@@ -134,7 +135,12 @@ def prefill_table(num_seqs: int = 4, prompt_len: int = 2048) -> None:
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     if "--sweep" in sys.argv:  # `--sweep fp8`: the FP8 cache only
-        tile_sweep((torch.float8_e4m3fn,) if "fp8" in sys.argv else (torch.float8_e4m3fn, torch.bfloat16))
+        shape = {flag: int(sys.argv[sys.argv.index(flag) + 1]) for flag in ("--seqs", "--context") if flag in sys.argv}
+        tile_sweep(
+            (torch.float8_e4m3fn,) if "fp8" in sys.argv else (torch.float8_e4m3fn, torch.bfloat16),
+            shape.get("--seqs", 256),
+            shape.get("--context", 1024),
+        )
         sys.exit()
     decode_table()
     decode_table(256, 1024, torch.float8_e4m3fn)  # a 1000/1000 step's shape, FP8 cache
