@@ -70,9 +70,11 @@ def test_request_records_by_hand():
     slow = TRACES[3].record(run_start=0.0)
     assert slow == {
         "start_s": 1.0, "ttft_ms": 400.0, "tpot_ms": 600.0, "e2e_ms": 1000.0, "max_itl_ms": 200.0,
-        "prompt_tokens": 10, "output_tokens": 2, "success": True, "error": None,
+        "prompt_tokens": 10, "output_tokens": 2, "success": True, "error": None, "response_ms": None,
     }  # fmt: skip
     single = TRACES[2].record(run_start=0.5)
     assert (single["start_s"], single["tpot_ms"], single["max_itl_ms"]) == (0.5, None, None)
     failed = RequestTrace(2.0, (), 2.5, 10, False, "boom").record(run_start=0.0)
     assert (failed["ttft_ms"], failed["success"], failed["error"]) == (None, False, "boom")
+    served = RequestTrace(2.0, (2.25,), 2.5, 10, response_time=2.0125).record(run_start=0.0)
+    assert (served["response_ms"], served["ttft_ms"]) == (12.5, 250.0)
