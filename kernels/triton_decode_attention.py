@@ -49,11 +49,13 @@ class DecodeTile:
     num_stages: int
 
 
-# Per cache element size, the best of `perf_triton_attention.py --sweep` on an H200 (256 sequences x 1,024
-# keys, docs/benchmarks.md round 8). An FP8 tile of 64 keys moves half a bf16 tile's bytes, so the FP8 cache
-# takes 128 keys a step: 204.8 us (2.6 TB/s) against 208.4 with 64 keys, and 297.5 before its values were
-# scaled in the loop (see the kernel).
-DECODE_TILES = {2: DecodeTile(64, 4, 2), 1: DecodeTile(128, 4, 2)}
+# Per cache element size, from `perf_triton_attention.py --sweep` on an H200 (docs/benchmarks.md, rounds 8-9).
+# bf16: 64 keys, 4 warps (256 sequences x 1,024 keys: 263.7 us, 4.1 TB/s; 32 keys and 2 warps: 282.3).
+# FP8: 32 keys, 2 warps (108 registers x 64 threads, 21 KB of shared memory: 9 programs an SM, against 3 with
+# 128 keys and 4 warps). Same time at 256 x 1,024 (204.9 against 204.8 us) and 1.46x faster at 1,024 x 160, a
+# 128/128 step at 1,024 sequences (144.2 against 211.1 us), where each program reads few keys and its loads'
+# latency dominates.
+DECODE_TILES = {2: DecodeTile(64, 4, 2), 1: DecodeTile(32, 2, 2)}
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys per program than this and the merge costs more than it gains
 MAX_SPLITS = 64

@@ -146,7 +146,7 @@ def test_decode_matches_reference(num_seqs, heads, dtype, block_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_n,num_warps,num_stages", [(32, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 3)])
+@pytest.mark.parametrize("block_n,num_warps,num_stages", [(32, 2, 2), (32, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 3)])
 @pytest.mark.parametrize("cache_dtype", [BF16, FP8])
 def test_decode_tile_settings(block_n, num_warps, num_stages, cache_dtype, monkeypatch):
     # Any tile the sweep may pick for DECODE_TILES computes the same attention, with and without splits.
