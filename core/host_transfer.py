@@ -17,13 +17,30 @@ from torch import Tensor
 _NUMPY_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np.float32}
 
 
+ROW_ALIGNMENT_BYTES = 16
+
+
 def to_device(data: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """A device tensor of `data` (a copy), queued without making the host wait for the device's stream."""
+    """A device tensor of `data` (a copy), queued without making the host wait for the device's stream.
+
+    Rows of 2-D data start 16-byte aligned (the result is then a view with a padded row stride): the rows
+    are handed to Triton kernels one by one, and Triton compiles a variant of a kernel for each pointer
+    alignment. Packed, the second of two int64 rows of an odd length (positions in a step of 1,001 tokens,
+    a batch of one's sampling keys) was misaligned, and such a step compiled kernels anew while serving.
+    """
     numpy_dtype = _NUMPY_DTYPES.get(dtype)
     host = torch.from_numpy(np.array(data, dtype=numpy_dtype)) if numpy_dtype else torch.tensor(data, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    width = host.shape[-1] if host.dim() == 2 else 0
+    per_row = ROW_ALIGNMENT_BYTES // host.element_size()
+    if host.dim() == 2 and host.shape[0] > 1 and width % per_row:
+        padded = torch.zeros(host.shape[0], -(-width // per_row) * per_row, dtype=host.dtype)
+        padded[:, :width] = host
+        host = padded
+    if torch.device(device).type == "cuda":
+        copied = host.pin_memory().to(device, non_blocking=True)
+    else:
+        copied = host.to(device)
+    return copied[:, :width] if width and copied.shape[1] != width else copied
 
 
 def pad_rows(rows: Sequence[Sequence[int]], num_rows: int, width: int, fill: int, dtype: torch.dtype) -> np.ndarray:

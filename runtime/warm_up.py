@@ -3,8 +3,9 @@
 Triton compiles each kernel variant on first use (~0.1-1 s each on an empty cache). Decode-graph capture
 compiles the decode path at start; the prefill path (the 16- and 64-query prefill attention tiles, the
 rotary and KV-store kernels at prefill shapes, sampling) compiled on a server's first requests: two
-steps of 430-600 ms on an H200 (docs/benchmarks.md, round 8). An engine from `kiln build` ships those
-kernels in its cache, so there this costs a few hundred milliseconds of start and compiles nothing.
+steps of 430-600 ms on an H200 (docs/benchmarks.md, round 8). So the warm-up covers what serving runs:
+greedy and random sampling, and a step that mixes one request's decode with another's prefill. An engine
+from `kiln build` ships those kernels in its cache, so there this costs ~0.1 s of start and compiles nothing.
 """
 
 from __future__ import annotations
@@ -41,19 +42,23 @@ def warm_up_wanted(device_type: str) -> bool:
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """Generate from the warm-up prompts, one after the other, and leave no trace in the engine's state.
+    """Generate from the warm-up prompts and leave no trace in the engine's state.
 
+    The first prompt samples greedily, the second at temperature 1 (the sampler's two paths); the second
+    arrives after the first's prefill was launched, so the step after mixes a decode with a prefill.
     Explicit request ids and seeds: the engine's id counter and seed stream are untouched, so the requests
     that follow get the ids and samples they get without a warm-up. The step and prefix-cache counters
     start again from zero, and the prefix cache forgets the warm-up prompts.
     """
     started = time.perf_counter()
-    params = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=0.0, ignore_eos=True, seed=0)
+    greedy = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=0.0, ignore_eos=True, seed=0)
+    sampled = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=1.0, ignore_eos=True, seed=0)
     prompts = warm_up_prompts(engine.limits.max_seq_len)
     for index, prompt in enumerate(prompts):
-        engine.add_request(prompt, params, request_id=f"kiln-warm-up-{index}")
-        while engine.has_unfinished:
-            engine.step()
+        engine.add_request(prompt, (greedy, sampled)[index % 2], request_id=f"kiln-warm-up-{index}")
+        engine.step()
+    while engine.has_unfinished:
+        engine.step()
     engine.scheduler.stats = SchedulerStats()
     engine.kv_cache.reset_prefix_cache()  # its hit counters too
     logger.info(

@@ -197,7 +197,13 @@ def test_warm_up_leaves_no_trace(model_dir: Path) -> None:
 
     config = EngineConfig(dtype="fp32", num_kv_blocks=64, max_seq_len=128)
     plain, warmed = LLMEngine(model_dir, config), LLMEngine(model_dir, config)
+    launch, steps = warmed.runner.launch, []
+    warmed.runner.launch = lambda scheduled: steps.append(scheduled.chunks) or launch(scheduled)
     warm_up(warmed)
+    warmed.runner.launch = launch
+    # What serving runs: greedy and random sampling, and a step with one request's decode and another's prefill
+    assert {chunk.request.sampling_params.temperature for chunks in steps for chunk in chunks} == {0.0, 1.0}
+    assert any(sorted(chunk.num_new_tokens for chunk in chunks) == [1, 80] for chunks in steps)
     assert not warmed.has_unfinished and warmed.kv_cache.usage == 0 and not warmed.groups
     assert warmed.scheduler.stats.num_steps == 0 and warmed.kv_cache.prefix_hit_rate == 0.0
     params = SamplingParams(max_tokens=8, temperature=1.0)  # unseeded: each sample draws from the seed stream
