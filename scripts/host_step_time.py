@@ -7,7 +7,10 @@ alone; it needs no GPU and gives the same numbers on any machine of the same CPU
 
     python scripts/host_step_time.py --batch-size 256 --output-len 100 [--model builtin:smollm2-135m] [--profile]
 
-The model only runs the prompts' step; its tokenizer is what detokenization costs are made of.
+The model only runs the prompts' step; its tokenizer is what detokenization costs are made of. With
+--runner the runner's own host work is timed too (packing the flat batch, the sampling batch, reading the
+tokens back): only the forward and the sampler's kernels are replaced, by a fixed token for every row.
+With --no-tokenizer outputs are not detokenized (as `kiln bench` with --dummy-weights, which has none).
 """
 
 from __future__ import annotations
@@ -29,13 +32,18 @@ def main() -> None:
     parser.add_argument("--output-kind", default="delta", choices=["cumulative", "delta", "final_only"],
                         help="what each step's outputs carry (kiln bench uses delta)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="print the cProfile top functions too")
+    parser.add_argument("--runner", action="store_true", help="keep the runner's host work (see above)")
+    parser.add_argument("--no-tokenizer", action="store_true", help="no detokenization, as with dummy weights")
     args = parser.parse_args()
+
+    import torch
 
     from kiln.runtime.engine import LLMEngine
     from kiln.runtime.engine_config import EngineConfig
     from kiln.runtime.model_dir import resolve_model_source
     from kiln.runtime.model_runner import LaunchedStep, RunnerOutput
     from kiln.runtime.outputs import RequestOutputKind
+    from kiln.runtime.sampler import SamplerOutput
     from kiln.runtime.sampling_params import SamplingParams
 
     model_dir = resolve_model_source(args.model)
@@ -58,7 +66,19 @@ def main() -> None:
                 output.sampled[chunk.request.request_id] = 1000 + len(chunk.request.output_token_ids) % 500
         return output
 
-    engine.runner.launch, engine.runner.finish = launch_nothing, sample_a_fixed_token
+    def logits_of_nothing(step) -> list:
+        return [torch.zeros(len(rows), 1) for rows in step.logit_rows]
+
+    def draw_a_fixed_token(logits, batch) -> SamplerOutput:
+        return SamplerOutput(torch.full((logits.shape[0],), 1000, dtype=torch.int64), None, None, None)
+
+    if args.runner:
+        engine.runner.run_step, engine.runner.sampler = logits_of_nothing, draw_a_fixed_token
+    else:
+        engine.runner.launch, engine.runner.finish = launch_nothing, sample_a_fixed_token
+    if args.no_tokenizer:
+        for group in engine.groups.values():
+            group._detokenizers.clear()
     profiler = cProfile.Profile() if args.profile else None
     steps, started = 0, time.perf_counter()
     if profiler:
