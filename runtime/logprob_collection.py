@@ -26,10 +26,13 @@ def prompt_logprob_jobs(chunks: list[ScheduledChunk]) -> list[PromptLogprobJob]:
     jobs, offset = [], 0
     for chunk in chunks:
         request = chunk.request
+        if request.sampling_params.prompt_logprobs is None:  # nearly every chunk: asked once per step per request
+            offset += chunk.num_new_tokens
+            continue
         # Entries already collected (before a preemption) are kept.
         first = max(chunk.start, len(request.prompt_logprobs))
         last = min(chunk.start + chunk.num_new_tokens, request.num_prompt_tokens - 1)
-        if request.sampling_params.prompt_logprobs is not None and first < last:
+        if first < last:
             rows = list(range(offset + first - chunk.start, offset + last - chunk.start))
             jobs.append(PromptLogprobJob(request, first, last, rows))
         offset += chunk.num_new_tokens

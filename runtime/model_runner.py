@@ -239,6 +239,9 @@ class ModelRunner:
         for chunk in chunks:
             request, start, end = chunk.request, chunk.start, chunk.start + chunk.num_new_tokens
             block_ids = self.kv_cache.block_ids(request.request_id)
+            if end - start == 1 and chunk.samples:  # a decode: no slices or ranges (every row, every step)
+                self._pack_decode(batch, request, start, block_ids)
+                continue
             known = request.token_ids[start:end]
             if len(known) < end - start:  # its last input is the token the step in flight samples
                 batch.pending_rows.append(len(batch.input_ids) + len(known))
@@ -254,6 +257,24 @@ class ModelRunner:
                 batch.sample_rows.append(len(batch.input_ids) - 1)
                 batch.sampling_requests.append(request)
         return batch
+
+    def _pack_decode(self, batch: _FlatBatch, request: Request, position: int, block_ids: list[int]) -> None:
+        """One sampling row at `position`: what _pack's general path appends for a one-token chunk."""
+        row = len(batch.input_ids)
+        if position < len(request.token_ids):
+            batch.input_ids.append(request.token_ids[position])
+        else:  # its input is the token the step in flight samples
+            batch.pending_rows.append(row)
+            batch.pending_sources.append(self._previous_rows[request.request_id])
+            batch.input_ids.append(0)
+        batch.positions.append(position)
+        block_size = self.block_size
+        batch.slot_mapping.append(block_ids[position // block_size] * block_size + position % block_size)
+        batch.query_lens.append(1)
+        batch.seq_lens.append(position + 1)
+        batch.block_tables.append(block_ids)
+        batch.sample_rows.append(row)
+        batch.sampling_requests.append(request)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], launched: LaunchedStep) -> None:
         """Queue sampling from the logits [num_sampling, vocab] (fp32) and the tokens' copy to the host."""

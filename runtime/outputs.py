@@ -18,7 +18,9 @@ class RequestOutputKind(Enum):
     FINAL_ONLY = "final_only"
 
 
-@dataclass
+# slots, and RequestMetrics not frozen: the engine makes one of each per request per step (DELTA outputs), and
+# at 1,024 requests a frozen dataclass's __init__ alone took ~2.5 ms of every step's host work (~0.6 without).
+@dataclass(slots=True)
 class CompletionOutput:
     """One generated sequence (one of the n samples of a prompt)."""
 
@@ -35,7 +37,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestMetrics:
     """Per-request timings (time.monotonic seconds) and cache facts."""
 
@@ -71,7 +73,7 @@ class RequestMetrics:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """The result of one prompt; `.text` and friends are the first completion's, for the common n = 1."""
 

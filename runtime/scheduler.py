@@ -19,9 +19,9 @@ from kiln.runtime.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per running request per step, and a frozen __init__ costs ~4x
 class ScheduledChunk:
-    """num_new_tokens of a request's tokens, from position `start`, computed in this step."""
+    """num_new_tokens of a request's tokens, from position `start`, computed in this step (not to be changed)."""
 
     request: Request
     start: int
