@@ -19,7 +19,10 @@ import torch
 MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9  # odd: index * GOLDEN mod 2^32 is a bijection, so every token gets different noise
 MIX1, MIX2 = 0x85EBCA6B, 0xC2B2AE35  # murmur3's finaliser constants
-NOISE_BITS = 24  # uniform u = (bits + 0.5) / 2^24, exact in fp32 and never 0 or 1
+NOISE_BITS = 24  # uniform u = (bits + 0.5) / 2^24, never 0; capped at U_MAX below
+# The top value, (2^24 - 0.5) / 2^24, rounds to 1.0 in fp32: its E = -log u was 0, so its token (one of 2^24
+# noise values) lost every race instead of nearly always winning. It takes the largest fp32 below 1 instead.
+U_MAX = 1.0 - 2.0**-24
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
@@ -53,18 +56,47 @@ def row_keys(seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
     return word.astype(np.int64)
 
 
+def _uniform_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, vocab] fp32 uniforms in (0, 1): the hash of each row key and token index."""
+    index = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
+    bits = _fmix32(keys.to(torch.int64)[:, None] ^ _mul32(index, GOLDEN)[None, :])  # [B, vocab]
+    return (((bits >> (32 - NOISE_BITS)).float() + 0.5) * (1.0 / (1 << NOISE_BITS))).clamp(max=U_MAX)
+
+
 def exponential_race_reference(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """[B, vocab] probabilities and [B] int64 row keys -> [B] int64 tokens, drawn in PyTorch."""
-    index = torch.arange(probs.shape[1], dtype=torch.int64, device=probs.device)
-    bits = _fmix32(keys.to(torch.int64)[:, None] ^ _mul32(index, GOLDEN)[None, :])  # [B, vocab]
-    uniform = ((bits >> (32 - NOISE_BITS)).float() + 0.5) * (1.0 / (1 << NOISE_BITS))
-    return (probs.float() / -torch.log(uniform)).argmax(dim=-1)
+    return (probs.float() / -torch.log(_uniform_noise(keys.to(probs.device), probs.shape[1]))).argmax(dim=-1)
+
+
+def logit_race_reference(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The same race in log space, from [B, vocab] logits (-inf: filtered out) and [B] 1 / temperature.
+
+    p_i / E_i is largest where log p_i - log E_i is: logits_i / T - log(-log u_i), the softmax's normaliser
+    being the same for every token of a row. So no softmax is computed, and the draw follows the same
+    distribution with the same noise: it picks the probabilities' token except where two candidates are
+    within float rounding of each other.
+    """
+    noise = torch.log(-torch.log(_uniform_noise(keys.to(logits.device), logits.shape[1])))
+    return (logits.float() * inv_temperature.float()[:, None] - noise).argmax(dim=-1)
+
+
+def _use_triton(device: torch.device) -> bool:
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def exponential_race(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """The draw on the probabilities' device: one Triton kernel on CUDA, the reference elsewhere."""
-    if probs.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if _use_triton(probs.device):
         from kiln.kernels.triton_random_draw import triton_exponential_race
 
         return triton_exponential_race(probs, keys)
     return exponential_race_reference(probs, keys)
+
+
+def logit_race(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The draw from logits and 1 / temperature (see `logit_race_reference`): one pass over the logits."""
+    if _use_triton(logits.device):
+        from kiln.kernels.triton_random_draw import triton_logit_race
+
+        return triton_logit_race(logits, inv_temperature, keys)
+    return logit_race_reference(logits, inv_temperature, keys)

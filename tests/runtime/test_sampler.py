@@ -96,6 +96,62 @@ def test_the_triton_draw_equals_the_reference() -> None:
         assert torch.equal(triton_exponential_race(probs.cuda(), keys.cuda()).cpu(), expected)
 
 
+@pytest.mark.gpu
+def test_the_triton_logit_draw_equals_the_reference() -> None:
+    from kiln.kernels.random_draw import logit_race_reference, row_keys
+    from kiln.kernels.triton_random_draw import triton_logit_race
+
+    data = torch.Generator().manual_seed(2)
+    for rows, vocab in [(1, 1), (3, 50), (64, 128256), (300, 3000), (2, 2 * 8192 + 5)]:  # chunk edges too
+        logits = 3 * torch.randn(rows, vocab, generator=data)
+        logits[:, 1::7] = -math.inf  # filtered out
+        inv_temperature = torch.rand(rows, generator=data) + 0.5
+        keys = torch.from_numpy(row_keys(range(rows), [seed % 17 for seed in range(rows)]))
+        expected = logit_race_reference(logits, inv_temperature, keys)
+        assert torch.equal(triton_logit_race(logits.cuda(), inv_temperature.cuda(), keys.cuda()).cpu(), expected)
+
+
+def test_the_log_space_draw_picks_the_probabilities_token() -> None:
+    # Same noise, same distribution: argmax p / E = argmax logits / T - log E, up to float rounding at near ties
+    from kiln.kernels.random_draw import exponential_race_reference, logit_race_reference, row_keys
+
+    data = torch.Generator().manual_seed(3)
+    logits = 4 * torch.randn(512, 2000, generator=data)
+    logits[:, ::5] = -math.inf
+    inv_temperature = torch.rand(512, generator=data) * 2 + 0.25
+    keys = torch.from_numpy(row_keys(range(512), [7] * 512))
+    probs = torch.softmax(logits * inv_temperature[:, None], dim=-1)
+    expected = exponential_race_reference(probs, keys)
+    assert torch.equal(logit_race_reference(logits, inv_temperature, keys), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_top_noise_value_wins_its_race(device: str) -> None:
+    # Key 24710634 gives token 3 the top noise value, (2^24 - 0.5) / 2^24, which is 1.0 in fp32 uncapped: its
+    # E = -log u was 0 and the token could never win. Capped below 1, its E is ~6e-8 and it wins.
+    from kiln.kernels.random_draw import exponential_race, logit_race
+
+    keys = torch.tensor([24710634], device=device)
+    logits = torch.zeros(1, 8, device=device)
+    assert exponential_race(torch.softmax(logits, dim=-1), keys).item() == 3
+    assert logit_race(logits, torch.ones(1, device=device), keys).item() == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampling_from_logits_gives_the_same_tokens(device: str, monkeypatch) -> None:
+    # KILN_SAMPLE_FROM_LOGITS=1 (one pass over the logits) against the default (division, softmax, draw)
+    logits = 3 * torch.randn(64, VOCAB, generator=torch.Generator().manual_seed(4))
+    kinds = [SamplingParams(temperature=0.7), SamplingParams(temperature=0), SamplingParams(temperature=1.3)]
+    filtered = [SamplingParams(temperature=0.9, top_k=10), SamplingParams(top_p=0.8), SamplingParams(min_p=0.05)]
+    for params in (kinds * 21 + kinds[:1], [SamplingParams(temperature=0.8)] * 64, filtered * 21 + filtered[:1]):
+        batch = make_batch(params, seeds=list(range(64)), device=device)
+        tokens = []
+        for switch in ("0", "1"):
+            monkeypatch.setenv("KILN_SAMPLE_FROM_LOGITS", switch)
+            tokens.append(Sampler()(logits.to(device), batch).sampled_token_ids.cpu())
+        assert torch.equal(tokens[0], tokens[1])
+
+
 def reference_filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
     """One row, written the plain way: keep the k best, then the nucleus, then tokens above min_p * p_max."""
     order = logits.argsort(descending=True).tolist()
