@@ -110,6 +110,8 @@ class BenchSummary:
     itl_ms: Distribution | None
     e2e_ms: Distribution | None
     slo: dict[str, float] = field(default_factory=dict)
+    # `bench serve`: the server's own mean latencies over the run, from its /metrics (bench/server_metrics.py)
+    server: dict[str, float] | None = None
 
 
 def summarize(

@@ -122,6 +122,7 @@ def run_serve(
 ) -> RunResult:  # fmt: skip
     """Load at each concurrency (a sweep when several), against a running server."""
     from kiln.bench.serve_client import run_load
+    from kiln.bench.server_metrics import scrape, server_latency
 
     model, max_len = _served_model(url, model, api_key)
     tokenizer = None
@@ -132,13 +133,15 @@ def run_serve(
     workload = make_workload(workload_spec, vocab_size or 32000, tokenizer)
     result = RunResult(workload, None)
     for concurrency in concurrencies:
+        before = scrape(url)
         traces = asyncio.run(
             run_load(url, model, list(workload.requests), concurrency=concurrency, request_rate=request_rate,
                      ignore_eos=ignore_eos, seed=workload_spec.seed, api_key=api_key, progress=progress)
         )  # fmt: skip
         name = str(concurrency) if concurrency else "unbounded"
         result.traces[name] = traces
-        result.summaries[name] = summarize(traces, slo_ttft_ms, slo_tpot_ms)
+        summary = summarize(traces, slo_ttft_ms, slo_tpot_ms)
+        result.summaries[name] = dataclasses.replace(summary, server=server_latency(before, scrape(url)))
     return result
 
 

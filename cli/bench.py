@@ -109,6 +109,9 @@ def summary_table(title: str, runs: dict[str, dict[str, Any]], ratio_to: str | N
         ("completed", "completed", None),
         ("failed", "failed", None),
     ]
+    if any(run.get("server") for run in runs.values()):  # bench serve: the server's own means (its /metrics)
+        rows += [("server TTFT mean ms", "server", "ttft_ms"), ("server queue mean ms", "server", "queue_ms"),
+                 ("server prefill mean ms", "server", "prefill_ms")]  # fmt: skip
     first = next(iter(runs.values()))
     for label, key, sub in rows:
         cells = []

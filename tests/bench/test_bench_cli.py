@@ -104,6 +104,9 @@ def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, 
         assert run["completed"] == 8 and run["failed"] == 0 and run["output_tokens"] == 48
         assert run["goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs: every request is good
         assert run["ttft_ms"]["p99"] >= run["ttft_ms"]["p50"] > 0 and run["itl_ms"]["count"] == 8 * 5
+        server = run["server"]  # the server's own means over this run, from its /metrics
+        assert server["requests"] == 8 and 0 < server["ttft_ms"] <= run["ttft_ms"]["mean"]
+        assert server["ttft_ms"] == pytest.approx(server["queue_ms"] + server["prefill_ms"])
     assert (out / "throughput_vs_concurrency.png").is_file()
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     assert [(r["run"], r["index"]) for r in records] == [(run, i) for run in ("1", "4") for i in range(8)]
