@@ -20,19 +20,22 @@ _NUMPY_DTYPES = {torch.int32: np.int32, torch.int64: np.int64, torch.float32: np
 ROW_ALIGNMENT_BYTES = 16
 
 
-def to_device(data: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+def to_device(
+    data: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device | str, align_rows: bool = False
+) -> Tensor:
     """A device tensor of `data` (a copy), queued without making the host wait for the device's stream.
 
-    Rows of 2-D data start 16-byte aligned (the result is then a view with a padded row stride): the rows
-    are handed to Triton kernels one by one, and Triton compiles a variant of a kernel for each pointer
-    alignment. Packed, the second of two int64 rows of an odd length (positions in a step of 1,001 tokens,
-    a batch of one's sampling keys) was misaligned, and such a step compiled kernels anew while serving.
+    align_rows: 2-D data whose rows go to kernels one by one. Each row then starts 16-byte aligned (the
+    result is a view with a padded row stride), since Triton compiles a kernel variant per pointer alignment:
+    packed, the second of two int64 rows of an odd length (positions in a step of 1,001 tokens, a batch of
+    one's sampling keys) was misaligned, and such steps compiled kernels anew while serving. Not for arrays a
+    kernel indexes as one contiguous block (the prefill attention's tile list).
     """
     numpy_dtype = _NUMPY_DTYPES.get(dtype)
     host = torch.from_numpy(np.array(data, dtype=numpy_dtype)) if numpy_dtype else torch.tensor(data, dtype=dtype)
-    width = host.shape[-1] if host.dim() == 2 else 0
+    width = host.shape[-1] if align_rows and host.dim() == 2 else 0
     per_row = ROW_ALIGNMENT_BYTES // host.element_size()
-    if host.dim() == 2 and host.shape[0] > 1 and width % per_row:
+    if width % per_row and host.shape[0] > 1:
         padded = torch.zeros(host.shape[0], -(-width // per_row) * per_row, dtype=host.dtype)
         padded[:, :width] = host
         host = padded

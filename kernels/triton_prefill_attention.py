@@ -153,6 +153,7 @@ def prefill_attention(
     key = f"prefill_tiles_{block_m}"
     tiles = None if derived is None else derived.get(key)
     if tiles is None:
+        # Packed [2, num_tiles]: the kernel reads a tile's first query at tiles_ptr + num_tiles + tile.
         tiles = to_device(build_tiles(cu_seqlens_q_host, seq_lens_host, block_m), torch.int32, q.device)
         if derived is not None:
             derived[key] = tiles

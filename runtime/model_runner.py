@@ -108,7 +108,7 @@ def eager_inputs(step: StepInputs, device: torch.device) -> tuple[torch.Tensor, 
         slot_mapping=step.slot_mapping,
         block_tables=step.block_tables,
     )
-    staged = to_device([step.input_ids, step.positions], torch.int64, device)  # [2, num_tokens]
+    staged = to_device([step.input_ids, step.positions], torch.int64, device, align_rows=True)  # [2, num_tokens]
     return staged[0], staged[1], metadata
 
 

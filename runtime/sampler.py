@@ -76,10 +76,13 @@ class SamplingBatch:
             ],
             torch.float32,
             device,
+            align_rows=True,
         )  # [6, B]
         positions = output_positions if output_positions is not None else [len(ids) for ids in output_token_ids]
         keys = row_keys(seeds, positions)
-        integers = to_device(np.stack([[max(p.top_k, 0) for p in params], keys]), torch.int64, device)  # [2, B]
+        integers = to_device(  # [2, B]
+            np.stack([[max(p.top_k, 0) for p in params], keys]), torch.int64, device, align_rows=True
+        )
         use_repetition = any(p.repetition_penalty != 1.0 for p in params)
         use_penalties = use_repetition or any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
