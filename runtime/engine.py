@@ -39,6 +39,7 @@ from kiln.runtime.request_group import RequestGroup
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler, SchedulerOutput
 from kiln.runtime.stall_log import SlowStepLog
+from kiln.runtime.step_clock import StepClock
 from kiln.runtime.tokenizer import eos_token_ids, load_tokenizer
 from kiln.runtime.tp_workers import CacheSpec, release_graphs
 from kiln.runtime.warm_up import warm_up, warm_up_wanted
@@ -125,6 +126,7 @@ class LLMEngine:
         self._async_scheduling = self._resolve_async_scheduling(device)
         self._in_flight: LaunchedStep | None = None
         self._last_scheduled = SchedulerOutput()  # for KILN_LOG_STALLS
+        self.clock = StepClock()  # launch and read-back times, for a server that paces launches
         self._num_penalised_requests = 0  # their sampling reads all earlier tokens: no step may be in flight
         if warm_up_wanted(device.type):
             warm_up(self)  # the prefill path's kernels compile now, not on the first request
@@ -233,6 +235,11 @@ class LLMEngine:
         return self._async_scheduling
 
     @property
+    def step_in_flight(self) -> bool:
+        """Whether a launched step's tokens are still to be read back (async scheduling)."""
+        return self._in_flight is not None
+
+    @property
     def has_unfinished(self) -> bool:
         """Whether any request is still waiting or running, or a step's results are still to be read."""
         return self.scheduler.has_unfinished or self._in_flight is not None
@@ -252,6 +259,7 @@ class LLMEngine:
         overlap = self._async_scheduling and self._num_penalised_requests == 0
         if self._in_flight is not None and not overlap:
             return self._finish(self._take_in_flight())
+        started = time.monotonic()
         scheduled = self._last_scheduled = self.scheduler.schedule()
         if not scheduled.chunks:
             if self._in_flight is not None:  # whatever is left waits on the step in flight (e.g. its last tokens)
@@ -261,6 +269,10 @@ class LLMEngine:
             return []
         with self._worker_errors_first():
             launched = self.runner.launch(scheduled)
+        clock = self.clock
+        clock.launched_at = time.monotonic()
+        clock.launch_seconds = clock.launched_at - started
+        clock.launched_decode_only = scheduled.num_tokens == len(scheduled.chunks)
         if not overlap:
             return self._finish(launched)
         previous, self._in_flight = self._in_flight, launched
@@ -284,6 +296,7 @@ class LLMEngine:
         """Read a launched step's tokens back, advance its requests, and make their outputs."""
         with self._worker_errors_first():
             result = self.runner.finish(launched)
+        self.clock.read_back_at = time.monotonic()
         changed = self.scheduler.update(launched.scheduled, result.sampled)
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}

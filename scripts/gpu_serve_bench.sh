@@ -4,7 +4,9 @@
 # The image lacks fastapi, uvicorn, pydantic and openai: `bash scripts/fetch_serve_wheels.sh` here first,
 # then name `.whl` in the device call's carry.
 #   OUT=/tmp/s bash scripts/gpu_serve_bench.sh [bf16] [fp8] [bf16-sync]     RATE (2), NUM (120) override the load
-# A -sync suffix serves with KILN_DISABLE_ASYNC_SCHEDULING=1 (each step read back before the next is launched).
+# A -sync suffix serves with KILN_DISABLE_ASYNC_SCHEDULING=1 (each step read back before the next is launched),
+# -gil5 with CPython's default GIL switch interval of 5 ms (KILN_GIL_SWITCH_INTERVAL_MS=5; serve/gil_switch.py),
+# -nopace launching each step at once (KILN_PACE_LAUNCHES=0; serve/launch_pacing.py). Suffixes combine: bf16-nopace-gil5.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=/tmp/kiln-serve-bench
@@ -14,10 +16,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$PYTHONPATH:/tmp/site"  # kiln first, then the carried packages
 port=8017
 for run in ${*:-bf16 fp8}; do
-  quant=${run%-sync}
+  quant=$run; for suffix in -sync -gil5 -nopace -nograph; do quant=${quant//$suffix/}; done  # int4-awq stays whole
   quant_args=(); [ "$quant" != bf16 ] && quant_args=(--dummy-quantization "$quant")
-  sync=0; [ "$run" != "$quant" ] && sync=1
-  KILN_DISABLE_ASYNC_SCHEDULING=$sync python3 -m kiln.cli.main serve x --dummy-weights --preset llama-3-8b "${quant_args[@]}" --port $port \
+  sync=0; [[ $run == *-sync* ]] && sync=1
+  gil=; [[ $run == *-gil5* ]] && gil=5
+  pace=1; [[ $run == *-nopace* ]] && pace=0
+  KILN_PACE_LAUNCHES=$pace KILN_GIL_SWITCH_INTERVAL_MS=$gil KILN_DISABLE_ASYNC_SCHEDULING=$sync python3 -m kiln.cli.main serve x --dummy-weights --preset llama-3-8b "${quant_args[@]}" --port $port \
     --served-model-name llama >"$out/serve-$run.log" 2>&1 &
   server=$!
   for _ in $(seq 180); do  # up to 90 s for the engine to load, plan its cache and capture graphs

@@ -4,7 +4,9 @@
 steps the engine while anything is unfinished, and hands every output to the asyncio loop of the
 request that owns it. The HTTP handlers never block on the engine and the engine never waits for a
 slow client: a client that goes away cancels its generator, which aborts the request at once (its
-KV blocks are freed on the engine thread before the next step).
+KV blocks are freed on the engine thread before the next step). While a step is in flight, the thread
+holds the next launch until shortly before that step should end and launches at once when a request
+arrives, so that the request joins the next step (serve/launch_pacing.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.serve.launch_pacing import LaunchPacer, pacing_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class AsyncEngine:
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopping = threading.Event()
+        self._pacer = LaunchPacer() if pacing_enabled() and engine.async_scheduling else None
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._thread.start()
 
@@ -81,9 +85,9 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            block = not self.engine.has_unfinished
+            timeout = self._command_wait()
             try:
-                self._apply(self._commands.get(block=block, timeout=0.5 if block else None))
+                self._apply(self._commands.get(block=timeout is not None, timeout=timeout))
                 while True:  # everything queued before this step
                     self._apply(self._commands.get_nowait())
             except queue.Empty:
@@ -97,7 +101,20 @@ class AsyncEngine:
                     continue
                 for output in outputs:
                     self._deliver(output.request_id, output, done=output.finished)
+                if self._pacer is not None:
+                    self._pacer.observe(self.engine.clock)
             self._snapshot()
+
+    def _command_wait(self) -> float | None:
+        """How long to wait for a command before the next step: idle, until one comes; paced, until the launch."""
+        engine = self.engine
+        if not engine.has_unfinished:
+            return 0.5  # then look at the stop flag again
+        if self._pacer is None or not engine.step_in_flight:
+            return None
+        launch_at = self._pacer.launch_at(engine.clock)
+        wait = None if launch_at is None else launch_at - time.monotonic()
+        return wait if wait is not None and wait > 0 else None
 
     def _apply(self, command: tuple) -> None:
         kind = command[0]

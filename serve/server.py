@@ -21,6 +21,7 @@ from kiln.runtime.engine_config import EngineConfig
 from kiln.runtime.torchrun import torchrun_rank
 from kiln.serve.app import EngineSlot, ServerSettings, create_app
 from kiln.serve.async_engine import AsyncEngine
+from kiln.serve.gil_switch import set_server_switch_interval
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def run_server(
     if torchrun_rank():  # another rank of a torchrun launch: a worker of rank 0's engine, no server (exits)
         LLMEngine(model_dir, engine_config)
     slot = EngineSlot()
+    interval = set_server_switch_interval()  # the engine thread and the event loop share the GIL
+    logger.debug("GIL switch interval %.2f ms", interval * 1000)
     config = uvicorn.Config(
         create_app(slot, settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_seconds
     )
