@@ -89,6 +89,7 @@ class DecodeGraphs:
             hidden_size = model.config.hidden_size
             self.stage_inputs = torch.zeros(2, size, hidden_size, dtype=parameter.dtype, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # the graphs' memory pool, after capture (the mixed-step graphs share it)
         self.num_replays = 0
 
     def _metadata(self, batch_size: int) -> AttentionMetadata:
@@ -134,6 +135,7 @@ class DecodeGraphs:
                 output = self._forward(batch_size)  # lives in the graph's pool
             pool = graph.pool()
             self._graphs[batch_size] = (graph, output)
+        self.pool = pool
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.bucket_sizes)
 

@@ -24,11 +24,11 @@ from kiln.core.errors import UserInputError
 from kiln.kernels.attention_backends import select_attention_backend
 from kiln.models.layers import Attention
 from kiln.models.loader import load_model
-from kiln.runtime.cuda_graphs import DecodeGraphs, DecodeGraphSpec, capture_decode_graphs, default_bucket_sizes
 from kiln.runtime.engine_artifact import apply_engine_options, engine_manifest, prepare_engine
 from kiln.runtime.engine_config import EngineConfig, resolve_device, resolve_kv_cache_dtype
 from kiln.runtime.engine_limits import EngineLimits, resolve_limits
 from kiln.runtime.gc_tuning import tune_garbage_collector
+from kiln.runtime.graph_capture import capture_engine_graphs
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.kv_sizing import KVCachePlan, plan_rank_kv_blocks
 from kiln.runtime.model_runner import LaunchedStep, ModelRunner
@@ -117,7 +117,10 @@ class LLMEngine:
             )
             self.runner.broadcast = workers.broadcast
         if config.enable_cuda_graphs and backend.name == "triton":
-            self.runner.decode_graphs = self._capture_decode_graphs(device)
+            self.runner.decode_graphs, self.runner.mixed_graphs, self.limits = capture_engine_graphs(
+                self.model, self.limits, config.cuda_graph_batch_sizes, config.pp_size,
+                workers.broadcast if workers is not None else None, device,
+            )  # fmt: skip
         self.scheduler = Scheduler(self.kv_cache, self.limits.max_batch_size, self.limits.max_num_tokens)
         self.groups: dict[str, RequestGroup] = {}
         self._group_by_sample: dict[str, RequestGroup] = {}
@@ -154,21 +157,6 @@ class LLMEngine:
 
     def _attention_layers(self) -> list[Attention]:
         return [module for module in self.model.modules() if isinstance(module, Attention)]
-
-    def _capture_decode_graphs(self, device: torch.device) -> DecodeGraphs:
-        limits = self.limits
-        # Pipeline stages replay graphs per micro-batch: a decode step's sequences split into pp_size of them.
-        max_graph_rows = -(-limits.max_batch_size // self.config.pp_size)
-        spec = DecodeGraphSpec(
-            tuple(self.config.cuda_graph_batch_sizes or default_bucket_sizes(max_graph_rows)),
-            max_blocks_per_seq=-(-limits.max_seq_len // limits.block_size),
-            capture_seq_len=limits.max_seq_len,
-        )
-        if self.workers is not None:
-            self.workers.broadcast(spec)  # every rank captures at once: the graphs hold collectives
-        graphs = capture_decode_graphs(self.model, spec, device)
-        self.limits = EngineLimits(**{**limits.__dict__, "cuda_graph_batch_sizes": tuple(graphs.bucket_sizes)})
-        return graphs
 
     def _resolve_limits(self, device: torch.device) -> EngineLimits:
         return resolve_limits(

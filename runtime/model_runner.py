@@ -22,6 +22,7 @@ from kiln.models.parallel import broadcast_from_first_rank, tensor_parallel
 from kiln.runtime.cuda_graphs import DecodeGraphs
 from kiln.runtime.kv_cache_manager import KVCacheManager
 from kiln.runtime.logprob_collection import prompt_logprob_jobs, prompt_logprobs, sampled_logprobs
+from kiln.runtime.mixed_graphs import MixedStepGraphs
 from kiln.runtime.outputs import TopLogprobs
 from kiln.runtime.request import Request
 from kiln.runtime.sampler import Sampler, SamplerOutput, SamplingBatch, suppress_tokens
@@ -142,6 +143,7 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype or self.dtype
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None  # set by the engine after capture (CUDA + Triton only)
+        self.mixed_graphs: MixedStepGraphs | None = None  # steps with prompt tokens (one GPU, CUDA + Triton)
         self.broadcast: Callable[[StepInputs | None], None] | None = None  # set under tensor parallelism
         self._previous_tokens = torch.zeros(0, dtype=torch.int64, device=self.device)  # the last launch's samples
         self._previous_rows: dict[str, int] = {}  # request id -> row of _previous_tokens
@@ -209,14 +211,17 @@ class ModelRunner:
         return [self.model.compute_logits(select_rows(hidden, rows)) for rows in step.logit_rows]
 
     def _forward(self, batch: StepInputs) -> torch.Tensor:
-        """Replay a captured graph for pure decode steps that fit one; run eagerly otherwise."""
-        graphs = self.decode_graphs
-        is_decode = len(batch.input_ids) == len(batch.query_lens)  # one new token per sequence
-        if graphs is not None and is_decode and graphs.can_run(len(batch.input_ids)):
+        """Replay a captured graph for steps that fit one (decode, or with prompt tokens); run eagerly otherwise."""
+        graphs, mixed = self.decode_graphs, self.mixed_graphs
+        num_tokens = len(batch.input_ids)
+        is_decode = num_tokens == len(batch.query_lens)  # one new token per sequence
+        if graphs is not None and is_decode and graphs.can_run(num_tokens):
             return graphs.run(
                 batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables,
                 fill_inputs=lambda input_ids: self._fill_pending(input_ids, batch),
             )  # fmt: skip
+        if mixed is not None and not is_decode and mixed.can_run(num_tokens, len(batch.query_lens)):
+            return mixed.run(batch, fill_inputs=lambda input_ids: self._fill_pending(input_ids, batch))
         input_ids, positions, metadata = eager_inputs(batch, self.device)
         self._fill_pending(input_ids, batch)
         return self.model(input_ids, positions, metadata)

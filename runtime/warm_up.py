@@ -46,23 +46,43 @@ def warm_up(engine: LLMEngine) -> None:
 
     The first prompt samples greedily, the second at temperature 1 (the sampler's two paths); the second
     arrives after the first's prefill was launched, so the step after mixes a decode with a prefill.
-    Explicit request ids and seeds: the engine's id counter and seed stream are untouched, so the requests
-    that follow get the ids and samples they get without a warm-up. The step and prefix-cache counters
-    start again from zero, and the prefix cache forgets the warm-up prompts.
+    With CUDA graphs for steps with prompt tokens (runtime/mixed_graphs.py) those steps replay graphs, so
+    the prompts run a second time with the graphs set aside: a step too large for them (two 1,000-token
+    prompts that arrive together) runs eagerly, and its kernels compiled on a server's first such step, a
+    ~1.1 s stall on an H200 (docs/benchmarks.md, round 10). Explicit request ids and seeds: the engine's id
+    counter and seed stream are untouched, so the requests that follow get the ids and samples they get
+    without a warm-up. The step and prefix-cache counters start again from zero, and the prefix cache
+    forgets the warm-up prompts.
     """
     started = time.perf_counter()
+    prompts = warm_up_prompts(engine.limits.max_seq_len)
+    runner = engine.runner
+    graphs = getattr(runner, "mixed_graphs", None)
+    passes = ("graphs", "eager") if graphs is not None else ("eager",)
+    try:
+        for name in passes:
+            runner.mixed_graphs = graphs if name == "graphs" else None
+            _generate(engine, prompts, name)
+            # Each pass computes its prompts in full: from the cache, the second would compute 16 tokens of the
+            # 80-token prompt, a step of 16-query tiles, and the kernel variant of 64-query ones would compile
+            # while serving (it did, on an H200: round 10).
+            engine.kv_cache.reset_prefix_cache()  # its hit counters too
+    finally:
+        runner.mixed_graphs = graphs
+    engine.scheduler.stats = SchedulerStats()
+    logger.info(
+        "warm-up: %d prompt(s) generated %d time(s) in %.2f s (KILN_WARM_UP=0 skips it)",
+        len(prompts),
+        len(passes),
+        time.perf_counter() - started,
+    )
+
+
+def _generate(engine: LLMEngine, prompts: list[list[int]], name: str) -> None:
     greedy = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=0.0, ignore_eos=True, seed=0)
     sampled = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=1.0, ignore_eos=True, seed=0)
-    prompts = warm_up_prompts(engine.limits.max_seq_len)
     for index, prompt in enumerate(prompts):
-        engine.add_request(prompt, (greedy, sampled)[index % 2], request_id=f"kiln-warm-up-{index}")
+        engine.add_request(prompt, (greedy, sampled)[index % 2], request_id=f"kiln-warm-up-{name}-{index}")
         engine.step()
     while engine.has_unfinished:
         engine.step()
-    engine.scheduler.stats = SchedulerStats()
-    engine.kv_cache.reset_prefix_cache()  # its hit counters too
-    logger.info(
-        "warm-up: %d prompt(s) generated in %.2f s (KILN_WARM_UP=0 skips it)",
-        len(prompts),
-        time.perf_counter() - started,
-    )

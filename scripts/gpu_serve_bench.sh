@@ -6,7 +6,8 @@
 #   OUT=/tmp/s bash scripts/gpu_serve_bench.sh [bf16] [fp8] [bf16-sync]     RATE (2), NUM (120) override the load
 # A -sync suffix serves with KILN_DISABLE_ASYNC_SCHEDULING=1 (each step read back before the next is launched),
 # -gil5 with CPython's default GIL switch interval of 5 ms (KILN_GIL_SWITCH_INTERVAL_MS=5; serve/gil_switch.py),
-# -nopace launching each step at once (KILN_PACE_LAUNCHES=0; serve/launch_pacing.py). Suffixes combine: bf16-nopace-gil5.
+# -nopace launching each step at once (KILN_PACE_LAUNCHES=0; serve/launch_pacing.py), -nograph running steps with
+# prompt tokens eagerly (KILN_MIXED_STEP_GRAPHS=0; runtime/mixed_graphs.py). Suffixes combine: bf16-nopace-gil5.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=/tmp/kiln-serve-bench
@@ -21,7 +22,8 @@ for run in ${*:-bf16 fp8}; do
   sync=0; [[ $run == *-sync* ]] && sync=1
   gil=; [[ $run == *-gil5* ]] && gil=5
   pace=1; [[ $run == *-nopace* ]] && pace=0
-  KILN_PACE_LAUNCHES=$pace KILN_GIL_SWITCH_INTERVAL_MS=$gil KILN_DISABLE_ASYNC_SCHEDULING=$sync python3 -m kiln.cli.main serve x --dummy-weights --preset llama-3-8b "${quant_args[@]}" --port $port \
+  graphs=1; [[ $run == *-nograph* ]] && graphs=0
+  KILN_MIXED_STEP_GRAPHS=$graphs KILN_PACE_LAUNCHES=$pace KILN_GIL_SWITCH_INTERVAL_MS=$gil KILN_DISABLE_ASYNC_SCHEDULING=$sync python3 -m kiln.cli.main serve x --dummy-weights --preset llama-3-8b "${quant_args[@]}" --port $port \
     --served-model-name llama >"$out/serve-$run.log" 2>&1 &
   server=$!
   for _ in $(seq 180); do  # up to 90 s for the engine to load, plan its cache and capture graphs

@@ -215,6 +215,31 @@ def test_warm_up_leaves_no_trace(model_dir: Path) -> None:
     assert warmed.kv_cache.find_cached_prefix([1, 2, 3, 4] * 20).num_tokens == 0  # the warm-up prompts are gone
 
 
+def test_warm_up_also_runs_steps_eagerly_past_the_prompt_graphs(model_dir: Path) -> None:
+    # With graphs for steps with prompt tokens, the warm-up runs once through them and once without, so that a
+    # step too large for them compiles nothing while serving; the graphs are back in place afterwards.
+    from kiln.runtime.warm_up import warm_up
+
+    class NoFit:  # stands for MixedStepGraphs on a CPU engine: no step fits, every step runs eagerly
+        def can_run(self, num_tokens: int, num_seqs: int) -> bool:
+            return False
+
+    engine = LLMEngine(model_dir, EngineConfig(dtype="fp32", num_kv_blocks=64, max_seq_len=128))
+    graphs = engine.runner.mixed_graphs = NoFit()
+    launch, seen = engine.runner.launch, []
+
+    def note(scheduled):
+        seen.append((engine.runner.mixed_graphs, sorted(chunk.num_new_tokens for chunk in scheduled.chunks)))
+        return launch(scheduled)
+
+    engine.runner.launch = note
+    warm_up(engine)
+    assert seen[0][0] is graphs and seen[-1][0] is None and {id(g) for g, _ in seen} == {id(graphs), id(None)}
+    # Each pass computes the 80-token prompt in full (not from the prefix cache) in a step with a decode.
+    assert all(any(g is runner and sizes == [1, 80] for g, sizes in seen) for runner in (graphs, None))
+    assert engine.runner.mixed_graphs is graphs and not engine.has_unfinished and not engine.groups
+
+
 def test_warm_up_prompts_and_when_it_runs(monkeypatch) -> None:
     from kiln.runtime.warm_up import warm_up_prompts, warm_up_wanted
 
