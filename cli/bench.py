@@ -283,6 +283,9 @@ def serve_command(
     vocab_size: int | None = typer.Option(None, "--vocab-size", help="For synthetic token ids [default: 32000]."),
     slo_ttft_ms: float | None = typer.Option(None, "--slo-ttft-ms"),
     slo_tpot_ms: float | None = typer.Option(None, "--slo-tpot-ms"),
+    warmup: int = typer.Option(
+        1, "--warmup", min=0, help="Requests sent first, one at a time, not measured (the client's first use)."
+    ),
     api_key: str = typer.Option("none", "--api-key", envvar="KILN_API_KEY"),
     output: Path | None = OUTPUT,
     force: bool = FORCE,
@@ -312,6 +315,7 @@ def serve_command(
             api_key=api_key,
             slo_ttft_ms=slo_ttft_ms,
             slo_tpot_ms=slo_tpot_ms,
+            warmup=warmup,
             progress=advance,
         )
     finally:
@@ -319,6 +323,7 @@ def serve_command(
             bar.stop()
     record = {
         "url": url,
+        "warmup": warmup,
         "model": model,
         "concurrency": levels,
         "request_rate": request_rate,

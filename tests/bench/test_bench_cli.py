@@ -95,9 +95,13 @@ def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, 
         args = ["bench", "serve", "--url", live.url, "--concurrency", "1,4", "--num-requests", "8", "--input-len", "10"]
         code, _, err = invoke(capsys, *args, "--output-len", "6", "--vocab-size", "320", "--api-key", API_KEY,
                               "--slo-ttft-ms", "10000", "--slo-tpot-ms", "10000", "-o", str(out))  # fmt: skip
+        served = live.get("/metrics").body.decode()
     finally:
         stop_server(live)
     assert code == 0, err
+    # One unmeasured warm-up request (--warmup 1, the default), then 8 at each concurrency.
+    completions = [line for line in served.splitlines() if line.startswith("kiln_requests_total{")]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in completions if "completions" in line) == 17
     runs = validate_report(out)["runs"]
     assert set(runs) == {"1", "4"}
     for run in runs.values():
