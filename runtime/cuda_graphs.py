@@ -16,6 +16,7 @@ import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -41,6 +42,23 @@ def default_bucket_sizes(max_batch_size: int) -> list[int]:
     sizes = [1, 2, 4] + list(range(8, 65, 8)) + list(range(80, 257, 16)) + list(range(288, 513, 32))
     sizes += list(range(640, max_batch_size, 128))
     return sorted({size for size in sizes if size < max_batch_size} | {max_batch_size})
+
+
+def capture_graph(
+    forward: Callable[[], torch.Tensor], pool: object | None
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, its output) of `forward`, run twice first off the capture (which compiles its Triton kernels for
+    these shapes); the graph allocates in `pool` (None: a new one), and its output lives there."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward()
+    return graph, output
 
 
 @dataclass(frozen=True)
@@ -124,15 +142,7 @@ class DecodeGraphs:
         """Capture every bucket, largest first, sharing one memory pool."""
         pool = None
         for batch_size in reversed(self.bucket_sizes):
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up off the capture: compiles Triton kernels for this shape
-                for _ in range(2):
-                    self._forward(batch_size)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                output = self._forward(batch_size)  # lives in the graph's pool
+            graph, output = capture_graph(partial(self._forward, batch_size), pool)
             pool = graph.pool()
             self._graphs[batch_size] = (graph, output)
         self.pool = pool

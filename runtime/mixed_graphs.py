@@ -23,6 +23,7 @@ import bisect
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +32,7 @@ from torch import nn
 
 from kiln.core.host_transfer import copy_into, pad_rows, to_device
 from kiln.kernels.attention import AttentionMetadata
+from kiln.runtime.cuda_graphs import capture_graph
 
 if TYPE_CHECKING:
     from kiln.runtime.model_runner import StepInputs
@@ -155,15 +157,7 @@ class MixedStepGraphs:
             tiles = self._metadata(bucket).derived[f"prefill_tiles_{TILE_QUERIES}"]
             tiles[0].fill_(self.padding_seq)
             tiles[1].zero_()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up off the capture: compiles Triton kernels for this shape
-                for _ in range(2):
-                    self._forward(bucket)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                output = self._forward(bucket)  # [bucket, hidden], in the graph's pool
+            graph, output = capture_graph(partial(self._forward, bucket), pool)  # output: [bucket, hidden]
             pool = graph.pool()
             self._graphs[bucket] = (graph, output)
         self.pool = pool
