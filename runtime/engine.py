@@ -26,7 +26,7 @@ from kiln.models.layers import Attention
 from kiln.models.loader import load_model
 from kiln.runtime.engine_artifact import apply_engine_options, engine_manifest, prepare_engine
 from kiln.runtime.engine_config import EngineConfig, resolve_device, resolve_kv_cache_dtype
-from kiln.runtime.engine_limits import EngineLimits, resolve_limits
+from kiln.runtime.engine_limits import EngineLimits, resolve_limits, validate_prompt
 from kiln.runtime.gc_tuning import tune_garbage_collector
 from kiln.runtime.graph_capture import capture_engine_graphs
 from kiln.runtime.kv_cache_manager import KVCacheManager
@@ -185,7 +185,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise UserInputError(f"request id {request_id!r} is already in use")
-        self._validate(prompt_token_ids, params)
+        validate_prompt(prompt_token_ids, params.max_tokens, self.model_config.vocab_size, self.limits.max_seq_len)
         sample_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         arrival = time.monotonic() if arrival_time is None else arrival_time
         samples = [
@@ -197,19 +197,6 @@ class LLMEngine:
         self._group_by_sample.update({sample.request_id: group for sample in samples})
         self.scheduler.add(samples[0])  # siblings join once the first has computed the shared prompt
         return request_id
-
-    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise UserInputError("the prompt is empty; give at least one token")
-        vocab_size = self.model_config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
-            raise UserInputError(f"prompt token ids must be in [0, {vocab_size}) for this model")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.limits.max_seq_len:
-            raise UserInputError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_seq_len={self.limits.max_seq_len}; shorten the prompt or lower max_tokens"
-            )
 
     def _new_sample(
         self, sample_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float

@@ -70,3 +70,17 @@ def resolve_limits(
         dtype=str(dtype).removeprefix("torch."),
         kv_cache_dtype=str(kv_cache_dtype).removeprefix("torch."),
     )
+
+
+def validate_prompt(prompt_token_ids: list[int], max_tokens: int, vocab_size: int, max_seq_len: int) -> None:
+    """Refuse a prompt up front (UserInputError) if it is empty, has ids outside the vocabulary, or cannot fit."""
+    if not prompt_token_ids:
+        raise UserInputError("the prompt is empty; give at least one token")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        raise UserInputError(f"prompt token ids must be in [0, {vocab_size}) for this model")
+    total = len(prompt_token_ids) + max_tokens
+    if total > max_seq_len:
+        raise UserInputError(
+            f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+            f"max_seq_len={max_seq_len}; shorten the prompt or lower max_tokens"
+        )
