@@ -129,7 +129,7 @@ class LLMEngine:
         self._async_scheduling = self._resolve_async_scheduling(device)
         self._in_flight: LaunchedStep | None = None
         self._last_scheduled = SchedulerOutput()  # for KILN_LOG_STALLS
-        self.clock = StepClock()  # launch and read-back times, for a server that paces launches
+        self.clock: StepClock | None = None  # a server that paces launches sets one: launch and read-back times
         self._num_penalised_requests = 0  # their sampling reads all earlier tokens: no step may be in flight
         if warm_up_wanted(device.type):
             warm_up(self)  # the prefill path's kernels compile now, not on the first request
@@ -245,9 +245,10 @@ class LLMEngine:
         with self._worker_errors_first():
             launched = self.runner.launch(scheduled)
         clock = self.clock
-        clock.launched_at = time.monotonic()
-        clock.launch_seconds = clock.launched_at - started
-        clock.launched_decode_only = scheduled.num_tokens == len(scheduled.chunks)
+        if clock is not None:
+            clock.launched_at = time.monotonic()
+            clock.launch_seconds = clock.launched_at - started
+            clock.launched_decode_only = scheduled.num_tokens == len(scheduled.chunks)
         if not overlap:
             return self._finish(launched)
         previous, self._in_flight = self._in_flight, launched
@@ -271,7 +272,8 @@ class LLMEngine:
         """Read a launched step's tokens back, advance its requests, and make their outputs."""
         with self._worker_errors_first():
             result = self.runner.finish(launched)
-        self.clock.read_back_at = time.monotonic()
+        if self.clock is not None:
+            self.clock.read_back_at = time.monotonic()
         changed = self.scheduler.update(launched.scheduled, result.sampled)
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}

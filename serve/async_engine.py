@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.outputs import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.step_clock import StepClock
 from kiln.serve.launch_pacing import LaunchPacer, pacing_enabled
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._pacer = LaunchPacer() if pacing_enabled() and engine.async_scheduling else None
+        if self._pacer is not None:
+            engine.clock = StepClock()  # the engine records its launch and read-back times in it
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._thread.start()
 
