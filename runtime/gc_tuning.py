@@ -11,21 +11,18 @@ counting. KILN_GC_THRESHOLD=0 leaves the process's settings alone.
 from __future__ import annotations
 
 import gc
-import logging
-import os
 
-logger = logging.getLogger(__name__)
+from kiln.core.env_numbers import number_from_env
 
 YOUNG_GENERATION_THRESHOLD = 10_000
 
 
 def tune_garbage_collector() -> None:
     """Raise the youngest generation's threshold to KILN_GC_THRESHOLD (default 10,000), never lower it."""
-    value = os.environ.get("KILN_GC_THRESHOLD")
-    try:
-        threshold = int(value) if value else YOUNG_GENERATION_THRESHOLD
-    except ValueError:
-        logger.warning("KILN_GC_THRESHOLD=%r is not an integer; the garbage collector keeps its settings", value)
+    threshold = number_from_env(
+        "KILN_GC_THRESHOLD", int, YOUNG_GENERATION_THRESHOLD, "an integer", "the garbage collector keeps its settings"
+    )
+    if threshold is None:
         return
     young, middle, old = gc.get_threshold()
     if threshold > young:

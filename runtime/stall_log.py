@@ -8,10 +8,10 @@ an integer that is 1, a multiple of 16 or neither) is logged with its name, argu
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 
+from kiln.core.env_numbers import number_from_env
 from kiln.runtime.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -21,12 +21,7 @@ _compile_started: dict[object, float] = {}
 
 def stall_threshold_ms() -> float | None:
     """The KILN_LOG_STALLS threshold in milliseconds, or None when it is unset or not a number."""
-    value = os.environ.get("KILN_LOG_STALLS")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        logger.warning("KILN_LOG_STALLS=%r is not a number of milliseconds; stalls are not logged", value)
-        return None
+    return number_from_env("KILN_LOG_STALLS", float, None, "a number of milliseconds", "stalls are not logged")
 
 
 def log_kernel_compiles() -> None:

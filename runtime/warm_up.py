@@ -57,7 +57,7 @@ def warm_up(engine: LLMEngine) -> None:
     started = time.perf_counter()
     prompts = warm_up_prompts(engine.limits.max_seq_len)
     runner = engine.runner
-    graphs = getattr(runner, "mixed_graphs", None)
+    graphs = runner.mixed_graphs
     passes = ("graphs", "eager") if graphs is not None else ("eager",)
     try:
         for name in passes:

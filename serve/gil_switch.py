@@ -10,24 +10,20 @@ KILN_GIL_SWITCH_INTERVAL_MS overrides the server's setting (0 keeps CPython's).
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 
-logger = logging.getLogger(__name__)
+from kiln.core.env_numbers import number_from_env
 
 SERVER_SWITCH_INTERVAL_MS = 0.5
 
 
 def set_server_switch_interval() -> float:
     """Set the interpreter's switch interval for serving; returns the interval in effect, in seconds."""
-    value = os.environ.get("KILN_GIL_SWITCH_INTERVAL_MS")
-    try:
-        interval_ms = float(value) if value else SERVER_SWITCH_INTERVAL_MS
-    except ValueError:
-        interval_ms = -1.0
-    if not interval_ms >= 0:  # also NaN
-        logger.warning("KILN_GIL_SWITCH_INTERVAL_MS=%r is not a number of milliseconds >= 0; ignored", value)
+    interval_ms = number_from_env(
+        "KILN_GIL_SWITCH_INTERVAL_MS", float, SERVER_SWITCH_INTERVAL_MS, "a number of milliseconds >= 0", "ignored",
+        accept=lambda value: value >= 0,  # NaN too is refused
+    )  # fmt: skip
+    if interval_ms is None:
         return sys.getswitchinterval()
     if interval_ms > 0:
         sys.setswitchinterval(interval_ms / 1000)
