@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -225,13 +226,14 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
 
     async def respond(
         engine: AsyncEngine, http: Request, body: SamplingFields, prompts: list[list[int]], params: Any, chat: bool,
-        top_n: int,
+        top_n: int, arrival: float,
     ) -> Any:  # fmt: skip
         tokenizer = engine.engine.tokenizer
         request_id = new_id("chatcmpl" if chat else "cmpl")
         if not body.stream:  # only the final output is read: no per-step copies cross to this thread
             params = replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-        streams = [engine.generate(prompt, params) for prompt in prompts]
+        # Submitted before the response starts: the headers go out while the engine runs the prompts.
+        streams = [engine.generate(prompt, params, arrival) for prompt in prompts]
         model = settings.served_model_name
         if body.stream:
             base = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -249,6 +251,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
+        arrival = time.monotonic()  # starts the request's TTFT and queue time (metrics)
         engine = check(body)
         prompt = body.prompt
         if isinstance(prompt, str):
@@ -260,10 +263,11 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
         if not prompts:
             raise ApiError(400, "the prompt is empty", "prompt")
         params = params_for(engine, body, prompts, body.max_tokens, body.logprobs)
-        return await respond(engine, http, body, prompts, params, chat=False, top_n=body.logprobs or 0)
+        return await respond(engine, http, body, prompts, params, chat=False, top_n=body.logprobs or 0, arrival=arrival)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
+        arrival = time.monotonic()
         engine = check(body)
         tokenizer = engine.engine.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -275,6 +279,8 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = tokenizer(text, add_special_tokens=False).input_ids
         params = params_for(engine, body, [prompt], body.requested_max_tokens(), body.requested_logprobs())
-        return await respond(engine, http, body, [prompt], params, chat=True, top_n=body.top_logprobs or 0)
+        return await respond(
+            engine, http, body, [prompt], params, chat=True, top_n=body.top_logprobs or 0, arrival=arrival
+        )
 
     return app

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kiln.runtime.engine import LLMEngine
@@ -41,13 +41,49 @@ class EngineStats:
     prefix_cache_hit_rate: float = 0.0
 
 
+class RequestStream:
+    """The outputs of one submitted request, as an async iterator; `aclose` before its end aborts it
+    (a client that went away, or a handler that failed: its KV blocks are freed at once)."""
+
+    def __init__(self, request_id: str, sink: asyncio.Queue, abort: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self._sink = sink
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._sink.get()
+        if isinstance(item, BaseException):
+            self._done = True  # the engine refused or failed the request and holds nothing of it
+            raise item
+        self._done = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def __del__(self) -> None:  # a stream dropped unread (a response that never started) frees its request
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._abort()
+
+
 class AsyncEngine:
-    """Owns the engine thread; `generate` is an async iterator of a request's outputs."""
+    """Owns the engine thread; `generate` submits a request and returns the stream of its outputs."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.stats = EngineStats()
-        self._commands: queue.Queue = queue.Queue()
+        # SimpleQueue: its put may run inside a RequestStream's __del__ (a reentrant put).
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self._stopping = threading.Event()
@@ -57,24 +93,20 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as the engine produces them; leaving early aborts it."""
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float | None = None
+    ) -> RequestStream:
+        """Submit one request now (from the event loop's thread); iterate the result for its outputs.
+
+        Submitted here, not on the first iteration, so the engine starts the prompt while the HTTP side is
+        still sending the response's headers. `arrival_time` (time.monotonic(), default now) starts the
+        request's TTFT and queue time: the handler passes its own entry time.
+        """
         request_id = f"req-{next(self._ids)}"
-        loop = asyncio.get_running_loop()
         sink: asyncio.Queue = asyncio.Queue()
-        # Arrival is now, not when the engine thread takes the command: its wait counts in TTFT and queue time.
-        self._commands.put(("add", request_id, prompt_token_ids, params, loop, sink, time.monotonic()))
-        finished = False
-        try:
-            while not finished:
-                item = await sink.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:  # the client went away, or the handler failed: free the request's blocks now
-                self._commands.put(("abort", request_id))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._commands.put(("add", request_id, prompt_token_ids, params, asyncio.get_running_loop(), sink, arrival))
+        return RequestStream(request_id, sink, lambda: self._commands.put(("abort", request_id)))
 
     def num_unfinished(self) -> int:
         """Requests the engine still holds (running or waiting)."""
