@@ -118,7 +118,7 @@ def _warmup_requests(spec: WorkloadSpec, requests: list, count: int, vocab_size:
 def run_serve(
     url: str, model: str | None, workload_spec: WorkloadSpec, tokenizer_dir: Path | None, vocab_size: int | None, *,
     concurrencies: list[int | None], request_rate: float | None, ignore_eos: bool, api_key: str,
-    slo_ttft_ms: float | None, slo_tpot_ms: float | None, warmup: int = 0, progress=None,
+    slo_ttft_ms: float | None, slo_tpot_ms: float | None, warmup: int = 0, progress=None, client: str = "http",
 ) -> RunResult:  # fmt: skip
     """Load at each concurrency (a sweep when several), against a running server.
 
@@ -140,13 +140,14 @@ def run_serve(
     if warmup:
         asyncio.run(
             run_load(url, model, list(workload.requests[:warmup]), concurrency=1, request_rate=None,
-                     ignore_eos=ignore_eos, seed=workload_spec.seed, api_key=api_key)
+                     ignore_eos=ignore_eos, seed=workload_spec.seed, api_key=api_key, client=client)
         )  # fmt: skip
     for concurrency in concurrencies:
         before = scrape(url)
         traces = asyncio.run(
             run_load(url, model, list(workload.requests), concurrency=concurrency, request_rate=request_rate,
-                     ignore_eos=ignore_eos, seed=workload_spec.seed, api_key=api_key, progress=progress)
+                     ignore_eos=ignore_eos, seed=workload_spec.seed, api_key=api_key, progress=progress,
+                     client=client)
         )  # fmt: skip
         name = str(concurrency) if concurrency else "unbounded"
         result.traces[name] = traces

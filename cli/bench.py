@@ -287,6 +287,9 @@ def serve_command(
         1, "--warmup", min=0, help="Requests sent first, one at a time, not measured (the client's first use)."
     ),
     api_key: str = typer.Option("none", "--api-key", envvar="KILN_API_KEY"),
+    client: str = typer.Option(
+        "http", "--client", help="http: SSE lines read with aiohttp (as vLLM's benchmark); openai: the official SDK."
+    ),
     output: Path | None = OUTPUT,
     force: bool = FORCE,
     as_json: bool = AS_JSON,
@@ -298,6 +301,10 @@ def serve_command(
         levels = [int(c) if c.strip() not in ("", "0", "inf") else None for c in concurrency.split(",")]
     except ValueError as exc:
         raise UserInputError(f"--concurrency takes integers like 1,8,64 (got {concurrency!r})") from exc
+    from kiln.bench.serve_client import CLIENTS
+
+    if client not in CLIENTS:
+        raise UserInputError(f"--client must be one of {', '.join(CLIENTS)} (got {client!r})")
     spec = _workload(num_requests, input_len, output_len, len_std, dataset, seed)
     bar, advance = _progress(num_requests * len(levels), as_json)
     if bar is not None:
@@ -317,12 +324,14 @@ def serve_command(
             slo_tpot_ms=slo_tpot_ms,
             warmup=warmup,
             progress=advance,
+            client=client,
         )
     finally:
         if bar is not None:
             bar.stop()
     record = {
         "url": url,
+        "client": client,
         "warmup": warmup,
         "model": model,
         "concurrency": levels,

@@ -8,6 +8,7 @@
 # -gil5 with CPython's default GIL switch interval of 5 ms (KILN_GIL_SWITCH_INTERVAL_MS=5; serve/gil_switch.py),
 # -nopace launching each step at once (KILN_PACE_LAUNCHES=0; serve/launch_pacing.py), -nograph running steps with
 # prompt tokens eagerly (KILN_MIXED_STEP_GRAPHS=0; runtime/mixed_graphs.py). Suffixes combine: bf16-nopace-gil5.
+# CLIENTS="http openai" runs `bench serve` once per client against each server (reports serve-bench-RUN-CLIENT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=/tmp/kiln-serve-bench
@@ -30,12 +31,18 @@ for run in ${*:-bf16 fp8}; do
     python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health')" 2>/dev/null && break
     sleep 0.5
   done
-  t0=$SECONDS
-  timeout ${BENCH_TIMEOUT:-200} python3 -m kiln.cli.main bench serve --url "http://127.0.0.1:$port" \
-    --request-rate ${RATE:-2} --concurrency 0 --num-requests ${NUM:-120} --input-len 1000 --output-len 200 \
-    --vocab-size 128256 --json -o "$out/serve-bench-$run" --force >"$out/serve-bench-$run.json" \
-    2>"$out/serve-bench-$run.log"
-  echo "serve-bench-$run rc=$? $((SECONDS - t0)) s"
+  seed=0
+  for client in ${CLIENTS:-http}; do  # each client's run against the same server (bench serve --client), each
+    # with its own seed: the same prompts again would come from the server's prefix cache
+    name=serve-bench-$run; [ -n "${CLIENTS:-}" ] && name=$name-$client
+    t0=$SECONDS
+    timeout ${BENCH_TIMEOUT:-200} python3 -m kiln.cli.main bench serve --url "http://127.0.0.1:$port" \
+      --request-rate ${RATE:-2} --concurrency 0 --num-requests ${NUM:-120} --input-len 1000 --output-len 200 \
+      --vocab-size 128256 --client $client --seed $seed --json -o "$out/$name" --force >"$out/$name.json" \
+      2>"$out/$name.log"
+    echo "$name rc=$? $((SECONDS - t0)) s"
+    seed=$((seed + 1))
+  done
   # The server's own TTFT and its two parts, queue and prefill (arrival in the HTTP handler to first token):
   # against the client's TTFT it splits the time between the engine and the HTTP path.
   python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:$port/metrics').read().decode())" \

@@ -128,11 +128,12 @@ def test_bench_serve_against_kiln_serve(serve_checkpoint: Path, tmp_path: Path, 
     )
 
 
+@pytest.mark.parametrize("client", ["http", "openai"])
 def test_bench_serve_counts_the_tokens_of_a_model_without_tokenizer(
-    tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+    tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch, client: str
 ) -> None:
     # Random weights from a config alone, as the GPU benchmarks serve them: no tokenizer, so every streamed
-    # text is empty; the chunks carry their token ids (return_token_ids) and each token counts.
+    # text is empty; the chunks carry their token ids (return_token_ids) and each token counts. Both clients.
     from live_server import API_KEY, start_server, stop_server
 
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))  # the server process inherits it
@@ -142,7 +143,7 @@ def test_bench_serve_counts_the_tokens_of_a_model_without_tokenizer(
     try:
         args = ["bench", "serve", "--url", live.url, "--concurrency", "2", "--num-requests", "4", "--input-len", "8"]
         code, stdout, err = invoke(capsys, *args, "--output-len", "5", "--vocab-size", "320", "--api-key", API_KEY,
-                                   "--json")  # fmt: skip
+                                   "--json", "--client", client)  # fmt: skip
     finally:
         stop_server(live)
     assert code == 0, err
