@@ -7,7 +7,14 @@ from kiln.core.env_numbers import number_from_env
 
 @pytest.mark.parametrize(
     ("value", "expected", "warned"),
-    [(None, 7, False), ("", 7, False), ("12", 12, False), ("-3", None, True), ("many", None, True), ("1.5", None, True)],
+    [
+        (None, 7, False),
+        ("", 7, False),
+        ("12", 12, False),
+        ("-3", None, True),
+        ("many", None, True),
+        ("1.5", None, True),
+    ],
 )
 def test_number_from_env(monkeypatch, caplog, value, expected, warned) -> None:
     if value is None:

@@ -70,6 +70,21 @@ def make_case(
     return Case(q, k, v, kv[:, 0], kv[:, 1], metadata)
 
 
+def poison_unused_slots(case: Case) -> None:
+    """NaN in every cache slot outside the sequences' contexts (the rest of their last blocks, blocks nobody
+    owns): stale values a kernel may load but must not let into its output (0 * NaN is NaN)."""
+    block_size = case.k_cache.shape[1]
+    used = torch.zeros(case.k_cache.shape[:2], dtype=torch.bool, device=DEVICE)
+    for table, seq_len in zip(case.metadata.block_tables.tolist(), case.metadata.seq_lens_host):
+        for position in range(seq_len):
+            used[table[position // block_size], position % block_size] = True
+    for cache in (case.k_cache, case.v_cache):
+        if cache.dtype == FP8:  # no masked fill for FP8 tensors: write the bits of its NaN
+            cache.view(torch.uint8)[~used] = 0x7F
+        else:
+            cache[~used] = float("nan")
+
+
 def check_attention(
     case: Case,
     sliding_window: int | None,
@@ -93,9 +108,8 @@ def check_attention(
         k_cache=case.k_cache, v_cache=case.v_cache, k_scale=k_scale, v_scale=v_scale, out=out, num_splits=num_splits,
     )  # fmt: skip
     assert result is out and out.dtype == case.q.dtype
-    assert torch.equal(case.k_cache.float(), k_cache_ref.float()) and torch.equal(
-        case.v_cache.float(), v_cache_ref.float()
-    )
+    for cache, cache_ref in ((case.k_cache, k_cache_ref), (case.v_cache, v_cache_ref)):  # NaN: poisoned slots
+        torch.testing.assert_close(cache.float(), cache_ref.float(), rtol=0, atol=0, equal_nan=True)
     assert not out.isnan().any(), f"{out.isnan().any(-1).any(-1).sum()} token rows not written"
     error = out.float() - expected
     relative = (error.norm() / expected.norm()).item()
@@ -246,6 +260,19 @@ def test_fp8_kv_cache_decode_and_prefill(kv_scales, fp8_as_fp16, monkeypatch):
     batch = [(1, 900), (300, 300), (64, 1000), (17, 17)]
     case = make_case([q for q, _ in batch], [s for _, s in batch], SMOLLM2, BF16, 16, seed=11, cache_dtype=FP8)
     check_attention(case, 256, kv_scales=kv_scales)
+
+
+@pytest.mark.gpu
+def test_poisoned_history_stays_out_of_attention():
+    # NaN in every cache slot outside the contexts (stale values of freed blocks can be anything): the slots
+    # past a sequence's end share its last block and the kernels' tiles, and must stay out of the output.
+    batch = [(1, 100), (1, 31), (50, 50), (7, 300)]
+    for cache_dtype in (BF16, FP8):
+        case = make_case(
+            [q for q, _ in batch], [s for _, s in batch], LLAMA3, BF16, 16, seed=14, cache_dtype=cache_dtype
+        )
+        poison_unused_slots(case)
+        check_attention(case, None)
 
 
 @pytest.mark.gpu
