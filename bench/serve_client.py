@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from kiln.bench.metrics import RequestTrace
 from kiln.bench.workload import BenchRequest
+from kiln.core.errors import UserInputError
 
 
 def _chunk_tokens(choice) -> int:
@@ -125,7 +126,10 @@ async def run_load(
         send: Callable[[BenchRequest], Awaitable[RequestTrace]] = lambda r: _one_openai(sdk, model, r, ignore_eos)  # noqa: E731
         close = sdk.close
     else:
-        import aiohttp
+        try:
+            import aiohttp
+        except ImportError as exc:  # a dependency of kiln, but an environment may lack it
+            raise UserInputError("--client http needs aiohttp (pip install aiohttp), or use --client openai") from exc
 
         session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {api_key}"},
