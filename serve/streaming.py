@@ -15,6 +15,13 @@ ChunkMaker = Callable[[int, CompletionOutput, int, int], dict[str, Any] | None]
 
 async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from several requests as they arrive; cancelling this cancels them all."""
+    if len(streams) == 1:  # the usual request: read it directly, without a pump task and a second queue per output
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            await streams[0].aclose()  # aborts the request unless it finished
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
