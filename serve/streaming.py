@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from kiln.runtime.outputs import CompletionOutput, RequestOutput
+from kiln.serve.async_engine import RequestStream
 from kiln.serve.responses import chat_logprobs, completion_logprobs, sse, usage, usage_of
 
 ChunkMaker = Callable[[int, CompletionOutput, int, int], dict[str, Any] | None]
 
 
-async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from several requests as they arrive; cancelling this cancels them all."""
     if len(streams) == 1:  # the usual request: read it directly, without a pump task and a second queue per output
         try:
@@ -24,7 +25,7 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(index: int, stream: RequestStream) -> None:
         try:
             async for output in stream:
                 await queue.put((index, output))
@@ -55,7 +56,7 @@ async def merged(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
 
 
 async def stream_completion(
-    streams: list[AsyncIterator[RequestOutput]], base: dict[str, Any], num_choices: int, tokenizer: Any,
+    streams: list[RequestStream], base: dict[str, Any], num_choices: int, tokenizer: Any,
     include_usage: bool, chat: bool, top_n: int, on_finished: Callable[[RequestOutput], None],
     token_ids: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
