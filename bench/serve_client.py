@@ -26,13 +26,12 @@ from kiln.bench.workload import BenchRequest
 from kiln.core.errors import UserInputError
 
 
-def _chunk_tokens(choice) -> int:
+def _chunk_tokens(token_ids: list | None, text: str | None) -> int:
     """Tokens a streamed choice carries: its `token_ids` where the server returns them (kiln and vLLM with
     return_token_ids; also counts tokens whose text is empty), else one per chunk with text."""
-    token_ids = getattr(choice, "token_ids", None)
     if token_ids is not None:
         return len(token_ids)
-    return 1 if choice.text else 0
+    return 1 if text else 0
 
 
 CLIENTS = ("http", "openai")
@@ -73,8 +72,7 @@ async def _one_http(session, url: str, model: str, request: BenchRequest, ignore
                 chunk = json.loads(line[6:])
                 if chunk.get("choices"):
                     choice = chunk["choices"][0]
-                    token_ids = choice.get("token_ids")
-                    times += [now] * (len(token_ids) if token_ids is not None else 1 if choice.get("text") else 0)
+                    times += [now] * _chunk_tokens(choice.get("token_ids"), choice.get("text"))
                 if chunk.get("usage"):
                     reported = chunk["usage"]["completion_tokens"]
     except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash of the benchmark
@@ -102,7 +100,8 @@ async def _one_openai(client, model: str, request: BenchRequest, ignore_eos: boo
         async for chunk in stream:
             now = time.perf_counter()
             if chunk.choices:
-                times += [now] * _chunk_tokens(chunk.choices[0])
+                choice = chunk.choices[0]
+                times += [now] * _chunk_tokens(getattr(choice, "token_ids", None), choice.text)
             if chunk.usage is not None:
                 reported = chunk.usage.completion_tokens
     except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash of the benchmark

@@ -45,8 +45,7 @@ class RequestStream:
     """The outputs of one submitted request, as an async iterator; `aclose` before its end aborts it
     (a client that went away, or a handler that failed: its KV blocks are freed at once)."""
 
-    def __init__(self, request_id: str, sink: asyncio.Queue, abort: Callable[[], None]) -> None:
-        self.request_id = request_id
+    def __init__(self, sink: asyncio.Queue, abort: Callable[[], None]) -> None:
         self._sink = sink
         self._abort = abort
         self._done = False
@@ -106,7 +105,7 @@ class AsyncEngine:
         sink: asyncio.Queue = asyncio.Queue()
         arrival = time.monotonic() if arrival_time is None else arrival_time
         self._commands.put(("add", request_id, prompt_token_ids, params, asyncio.get_running_loop(), sink, arrival))
-        return RequestStream(request_id, sink, lambda: self._commands.put(("abort", request_id)))
+        return RequestStream(sink, lambda: self._commands.put(("abort", request_id)))
 
     def num_unfinished(self) -> int:
         """Requests the engine still holds (running or waiting)."""

@@ -11,7 +11,7 @@ from kiln.serve.async_engine import RequestStream
 
 def _stream(aborts: list[str]) -> tuple[RequestStream, asyncio.Queue]:
     sink: asyncio.Queue = asyncio.Queue()
-    return RequestStream("req-1", sink, lambda: aborts.append("req-1")), sink
+    return RequestStream(sink, lambda: aborts.append("req-1")), sink
 
 
 def test_a_stream_read_to_its_end_aborts_nothing() -> None:
