@@ -1,9 +1,9 @@
 """Split-KV (flash-decoding) paged attention for steps where every sequence has exactly one new token.
 
-Grid (num_seqs, num_kv_heads, num_splits): a program loads the query rows of one KV head's whole GQA
-group at once, so each key/value is read once per group, and runs an online softmax over its share of
-the sequence's keys, read through the block table. With several splits a second kernel merges the
-partial results by their log-sum-exp. Reference: `attention.reference_attention`.
+Grid (num_kv_heads, num_seqs, num_splits) (see `_heads_fastest`): a program loads the query rows of one
+KV head's whole GQA group at once, so each key/value is read once per group, and runs an online softmax
+over its share of the sequence's keys, read through the block table. With several splits, the partial
+results are merged by their log-sum-exp (`triton_decode_merge`). Reference: `attention.reference_attention`.
 
 CUDA graphs: the kernels read lengths and block ids from device tensors only and the partial buffers
 are sized from host ints (num_seqs, num_heads, num_splits), so a graph captured with a fixed
@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
+from kiln.kernels.triton_decode_merge import decode_merge_kernel, merge_if_last
 from kiln.kernels.triton_split_k import MAX_TILES, num_sms, tile_counters
 
 
@@ -40,22 +41,37 @@ def _fp8_cache_as_fp16() -> bool:
     return os.environ.get("KILN_DECODE_FP8_AS_FP16", "1") != "0"
 
 
+def _heads_fastest() -> bool:
+    """The KV heads of one sequence are neighbouring programs (launched together); KILN_DECODE_GRID=seqs: the
+    sequences are.
+
+    The cache holds a block's keys token by token, every KV head's row side by side ([block, token, head,
+    dim]), so one head's program reads 128-byte (FP8) or 256-byte rows a token's width apart; with a
+    sequence's heads side by side, their reads of a block arrive together. On an H200 (docs/benchmarks.md
+    round 12) that made the bf16-cache kernel 1-3% faster at four of five shapes and left the FP8 one as it was."""
+    return os.environ.get("KILN_DECODE_GRID", "heads") != "seqs"
+
+
 @dataclass(frozen=True)
 class DecodeTile:
-    """Keys a program reads per loop step, its warps and software-pipeline stages."""
+    """Keys a program reads per loop step, its warps and software-pipeline stages, and the fewest query rows
+    of its products (a GQA group padded with zero rows up to this; Triton pads tensor-core tiles to 16 rows
+    itself, but a 16-row tile of scores costs every softmax instruction for the padding rows too)."""
 
     block_n: int
     num_warps: int
     num_stages: int
+    min_rows: int = 16
 
 
-# Per cache element size, from `perf_triton_attention.py --sweep` on an H200 (docs/benchmarks.md, rounds 8-9).
+# Per cache element size, from `perf_triton_attention.py --sweep` on an H200 (docs/benchmarks.md, rounds 8-9, 12).
 # bf16: 64 keys, 4 warps (256 sequences x 1,024 keys: 263.7 us, 4.1 TB/s; 32 keys and 2 warps: 282.3).
-# FP8: 32 keys, 2 warps (108 registers x 64 threads, 21 KB of shared memory: 9 programs an SM, against 3 with
-# 128 keys and 4 warps). Same time at 256 x 1,024 (204.9 against 204.8 us) and 1.46x faster at 1,024 x 160, a
-# 128/128 step at 1,024 sequences (144.2 against 211.1 us), where each program reads few keys and its loads'
-# latency dominates.
-DECODE_TILES = {2: DecodeTile(64, 4, 2), 1: DecodeTile(32, 2, 2)}
+# FP8: 32 keys, 2 warps, and 4-row products (round 12): 263.5 us at 256 x 1,536 against 300.3 with 16 rows (the
+# loop is bound by its instructions, not by memory: a read-only probe of the same blocks reaches ~4 TB/s, and
+# a 16-row tile spends every softmax instruction on 12 padding rows too); 127.7 against 144.1 us at 1,024 x 160
+# (a 128/128 step). With 16 rows, the column-wise denominators below cost 34 registers a thread more (7
+# programs an SM instead of 9) and the kernel was 16% slower: keep the rows at 4 for FP8.
+DECODE_TILES = {2: DecodeTile(64, 4, 2), 1: DecodeTile(32, 2, 2, min_rows=4)}
 
 MIN_KEYS_PER_SPLIT = 256  # fewer keys per program than this and the merge costs more than it gains
 MAX_SPLITS = 64
@@ -99,13 +115,20 @@ def _decode_split_kernel(
     WRITE_OUT: tl.constexpr,
     MERGE_IN_KERNEL: tl.constexpr,
     FP8_AS_FP16: tl.constexpr,
+    HEADS_FASTEST: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FASTEST:  # grid (num_kv_heads, num_seqs, num_splits): see _heads_fastest
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:  # grid (num_seqs, num_kv_heads, num_splits)
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * group_size
+    num_heads = num_kv_heads * group_size
     context_len = tl.load(seq_lens_ptr + seq)
     # The query is at position context_len - 1 and sees keys [lo, context_len); splits share that
     # range in BLOCK_N-aligned pieces.
@@ -129,7 +152,9 @@ def _decode_split_kernel(
 
     # A finite start for the running max keeps exp2(m_old - m_new) free of inf - inf.
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
+    # Softmax denominators kept per key column and summed once after the loop: a row sum in the loop is a
+    # cross-thread (and, with several warps, cross-warp) reduction every step.
+    l_cols = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for n in range(start, end, BLOCK_N):
@@ -146,7 +171,7 @@ def _decode_split_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_cols = l_cols * alpha[:, None] + p
         v_off = block[:, None] * stride_v_b + row[:, None] * stride_v_s + kv_head * stride_v_h + d[None, :]
         v = tl.load(v_cache_ptr + v_off, mask=kv_mask, other=0.0)
         if FP8_AS_FP16:
@@ -156,6 +181,7 @@ def _decode_split_kernel(
             v = v.to(dot_dtype) * v_scale.to(dot_dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v.to(dot_dtype))
         m_i = m_new
+    l_i = tl.sum(l_cols, 1)
 
     if not FP8_AS_FP16:
         acc = acc * v_scale  # the cache holds v / v_scale (1 unless FP8); the merge below is linear in it
@@ -171,72 +197,11 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=g_mask)
         tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / l_safe[:, None], mask=q_mask)
         if MERGE_IN_KERNEL:
-            _merge_if_last(
-                part_out_ptr, part_lse_ptr, counter_ptr, out_ptr, seq * tl.num_programs(1) + kv_head,
+            merge_if_last(
+                part_out_ptr, part_lse_ptr, counter_ptr, out_ptr, seq * num_kv_heads + kv_head,
                 (seq * num_heads + heads) * num_splits, num_splits, head_dim, seq * stride_o_t + heads * stride_o_h,
                 g_mask, q_mask, d,
             )  # fmt: skip
-
-
-@triton.jit
-def _merge_if_last(
-    part_out_ptr, part_lse_ptr, counter_ptr, out_ptr, tile, first_part, num_splits, head_dim, out_offsets,
-    g_mask, q_mask, d,
-):  # fmt: skip
-    """The last split program of a (sequence, KV head) to arrive merges the group's splits (as
-    `_decode_merge_kernel`, one launch fewer) and resets its counter (see `triton_split_k`)."""
-    tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-    if arrived == num_splits - 1:
-        lse_max = tl.full(first_part.shape, -float("inf"), tl.float32)
-        for split in range(num_splits):
-            lse = tl.load(part_lse_ptr + first_part + split, mask=g_mask, other=-float("inf"), cache_modifier=".cg")
-            lse_max = tl.maximum(lse_max, lse)
-        lse_max = tl.where(g_mask, lse_max, 0.0)  # padding query rows: no inf - inf
-        acc = tl.zeros(q_mask.shape, tl.float32)
-        weights = tl.zeros(first_part.shape, tl.float32)
-        for split in range(num_splits):
-            lse = tl.load(part_lse_ptr + first_part + split, mask=g_mask, other=-float("inf"), cache_modifier=".cg")
-            weight = tl.exp2(lse - lse_max)
-            part = tl.load(
-                part_out_ptr + (first_part + split)[:, None] * head_dim + d[None, :],
-                mask=q_mask,
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            acc += part * weight[:, None]
-            weights += weight
-        out = acc / tl.where(g_mask, weights, 1.0)[:, None]
-        tl.store(out_ptr + out_offsets[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
-        tl.atomic_xchg(counter_ptr + tile, 0)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    part_out_ptr,
-    part_lse_ptr,
-    out_ptr,
-    head_dim,
-    num_splits,
-    stride_o_t,
-    stride_o_h,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
-    # One program per (sequence, query head): weight each split by exp2(lse - max lse).
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    rows = (seq * tl.num_programs(1) + head) * num_splits + tl.arange(0, BLOCK_S)  # [BLOCK_S]
-    s_mask = tl.arange(0, BLOCK_S) < num_splits
-    d = tl.arange(0, BLOCK_D)
-    lse = tl.load(part_lse_ptr + rows, mask=s_mask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, 0))  # [BLOCK_S]
-    mask = s_mask[:, None] & (d[None, :] < head_dim)
-    parts = tl.load(part_out_ptr + rows[:, None] * head_dim + d[None, :], mask=mask, other=0.0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)  # [BLOCK_D]
-    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 def decode_num_splits(max_keys: int, num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -259,11 +224,13 @@ def decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     tile: DecodeTile | None = None,
+    heads_fastest: bool | None = None,
 ) -> None:
     """One query token per sequence: q, out [num_seqs, num_heads, head_dim]; writes `out`.
 
     The caches hold k / k_scale and v / v_scale: k_scale folds into the softmax scale, v_scale into the output.
-    `tile` overrides DECODE_TILES (for sweeps); head dims over 128 halve its keys per step.
+    `tile` overrides DECODE_TILES (for sweeps); head dims over 128 halve its keys per step. `heads_fastest`
+    overrides the grid order of _heads_fastest (for sweeps).
     """
     # caches: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables [num_seqs, max_blocks] int32
     num_seqs, num_heads, head_dim = q.shape
@@ -276,7 +243,9 @@ def decode_attention(
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     merge_in_kernel = num_splits > 1 and _merge_in_kernel() and num_seqs * num_kv_heads <= MAX_TILES
     pdl = use_pdl(q.device)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    heads_fastest = _heads_fastest() if heads_fastest is None else heads_fastest
+    grid = (num_kv_heads, num_seqs, num_splits) if heads_fastest else (num_seqs, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
         q,
         k_cache,
         v_cache,
@@ -300,20 +269,20 @@ def decode_attention(
         *v_cache.stride()[:3],
         block_tables.stride(0),
         BLOCK_SIZE=k_cache.shape[1],
-        # tl.dot needs M >= 16: small groups are padded with zero query rows.
-        BLOCK_G=max(16, triton.next_power_of_2(group_size)),
+        BLOCK_G=max(tile.min_rows, triton.next_power_of_2(group_size)),
         BLOCK_N=tile.block_n if block_d <= 128 else tile.block_n // 2,
         BLOCK_D=block_d,
         WRITE_OUT=num_splits == 1,
         MERGE_IN_KERNEL=merge_in_kernel,
         FP8_AS_FP16=k_cache.dtype == torch.float8_e4m3fn and _fp8_cache_as_fp16(),
+        HEADS_FASTEST=heads_fastest,
         USE_PDL=pdl,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages,
         launch_pdl=pdl,
     )
     if num_splits > 1 and not merge_in_kernel:
-        _decode_merge_kernel[(num_seqs, num_heads)](
+        decode_merge_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,
             out,

@@ -3,15 +3,14 @@
 Decode: 64 sequences x 2048 context, Llama-3-8B heads (32 q / 8 kv, head_dim 128), bf16, block 16,
 against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick); then 256 x 1024
 with an FP8 cache and with a bf16 one. `--sweep [fp8] [--seqs N] [--context L]`: the decode kernel's tile
-settings (DECODE_TILES) at N sequences x L keys (256 x 1024 by default; 1024 x 160 is a 128/128 step's
-shape), for each cache type (or the FP8 cache only).
+settings (SWEEP_TILES: keys, warps, stages, fewest query rows) at N sequences x L keys (256 x 1024 by
+default; 1024 x 160 is a 128/128 step's shape), for each cache type (or the FP8 cache only).
 Prefill: 4 prompts x 2048 tokens against causal SDPA on contiguous tensors.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import sys
 from pathlib import Path
@@ -94,6 +93,19 @@ def decode_table(num_seqs: int = 64, context_len: int = 2048, cache_dtype: torch
     row("torch SDPA, contiguous K/V repeated to 32 heads", bench(sdpa_mha), 4 * kv_bytes)
 
 
+# The sweep's candidates (keys, warps, stages, fewest query rows) per cache element size: one warp and 4-row
+# products against round 9's defaults (FP8: 32, 2, 2, 16; bf16: 64, 4, 2, 16).
+SWEEP_TILES = {
+    1: [DecodeTile(*t) for t in [
+        (16, 1, 2, 4), (16, 1, 3, 4), (32, 1, 2, 4), (32, 1, 3, 4), (32, 1, 2, 16), (64, 1, 2, 4), (16, 2, 2, 4),
+        (32, 2, 2, 4), (32, 2, 2, 16), (32, 2, 3, 4), (64, 2, 2, 4), (64, 2, 3, 4), (64, 4, 2, 4), (64, 4, 3, 4),
+        (128, 4, 3, 4), (128, 4, 2, 16)]],
+    2: [DecodeTile(*t) for t in [
+        (64, 4, 2, 16), (64, 4, 2, 4), (32, 1, 2, 4), (32, 2, 2, 4), (64, 2, 2, 4), (64, 4, 3, 4), (32, 4, 2, 4),
+        (128, 4, 2, 4)]],
+}  # fmt: skip
+
+
 def tile_sweep(cache_dtypes: tuple[torch.dtype, ...], num_seqs: int = 256, context_len: int = 1024) -> None:
     for cache_dtype in cache_dtypes:
         print(f"decode tile sweep: {num_seqs} seqs x {context_len} context, {cache_dtype} cache, 1 split")
@@ -105,10 +117,11 @@ def tile_sweep(cache_dtypes: tuple[torch.dtype, ...], num_seqs: int = 256, conte
             decode_attention, case.q, case.k_cache, case.v_cache, case.metadata.block_tables, case.metadata.seq_lens,
             torch.empty_like(case.q), scale=1 / math.sqrt(HEADS[2]), sliding_window=None, num_splits=1,
         )  # fmt: skip
-        for block_n, num_warps, num_stages in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3)):
-            name = f"  block_n={block_n} warps={num_warps} stages={num_stages}"
+        for tile in SWEEP_TILES[cache_dtype.itemsize]:
+            block_n, num_warps, num_stages, min_rows = tile.block_n, tile.num_warps, tile.num_stages, tile.min_rows
+            name = f"  block_n={block_n} warps={num_warps} stages={num_stages} rows={min_rows}"
             try:
-                row(name, bench(functools.partial(decode, tile=DecodeTile(block_n, num_warps, num_stages))), kv_bytes)
+                row(name, bench(functools.partial(decode, tile=tile)), kv_bytes)
             except Exception as error:  # noqa: BLE001 - a setting that does not fit (shared memory) is skipped
                 print(f"{name}: {type(error).__name__}")
 

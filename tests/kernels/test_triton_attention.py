@@ -160,13 +160,17 @@ def test_decode_matches_reference(num_seqs, heads, dtype, block_size):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_n,num_warps,num_stages", [(32, 2, 2), (32, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 3)])
+@pytest.mark.parametrize(
+    "block_n,num_warps,num_stages,min_rows",
+    [(32, 2, 2, 16), (32, 4, 3, 16), (64, 8, 2, 16), (128, 4, 2, 16), (128, 8, 3, 16), (16, 1, 2, 4), (32, 1, 3, 4),
+     (64, 1, 2, 4), (32, 2, 2, 4), (64, 4, 3, 4)],
+)  # fmt: skip
 @pytest.mark.parametrize("cache_dtype", [BF16, FP8])
-def test_decode_tile_settings(block_n, num_warps, num_stages, cache_dtype, monkeypatch):
+def test_decode_tile_settings(block_n, num_warps, num_stages, min_rows, cache_dtype, monkeypatch):
     # Any tile the sweep may pick for DECODE_TILES computes the same attention, with and without splits.
     from kiln.kernels.triton_decode_attention import DecodeTile
 
-    tile = DecodeTile(block_n, num_warps, num_stages)
+    tile = DecodeTile(block_n, num_warps, num_stages, min_rows)
     monkeypatch.setattr("kiln.kernels.triton_decode_attention.DECODE_TILES", {1: tile, 2: tile})
     seq_lens = random_lengths(random.Random(12), 24, 1, 3000)
     for num_splits in (1, 3):
@@ -192,6 +196,21 @@ def test_decode_fixed_splits_any_context(num_splits, merge_in_kernel, monkeypatc
     check_attention(make_case([1] * 7, seq_lens, LLAMA3, BF16, 16, seed=3), None, num_splits=num_splits)
     for heads, dtype in [(SMOLLM2, FP16), (MHA, FP16)]:  # groups of 3 (padded to 16 rows) and of 1
         check_attention(make_case([1] * 7, seq_lens, heads, dtype, 16, seed=4), None, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid_order", ["heads", "seqs"])
+@pytest.mark.parametrize("merge_in_kernel", [False, True])
+def test_decode_grid_orders(grid_order, merge_in_kernel, monkeypatch):
+    # KILN_DECODE_GRID: a sequence's KV heads or the sequences fastest in the grid; same attention either way,
+    # with one split, several, and the split kernel merging them itself.
+    monkeypatch.setenv("KILN_DECODE_GRID", grid_order)
+    monkeypatch.setenv("KILN_DECODE_MERGE_IN_KERNEL", "1" if merge_in_kernel else "0")
+    seq_lens = [1, 17, 300, 2999, 64]
+    for num_splits in (1, 3):
+        for heads, dtype, cache_dtype in [(LLAMA3, BF16, None), (LLAMA3, FP16, FP8), (SMOLLM2, FP16, None)]:
+            case = make_case([1] * 5, seq_lens, heads, dtype, 16, seed=5, cache_dtype=cache_dtype)
+            check_attention(case, None, num_splits=num_splits)
 
 
 PREFILL_CASES = [
