@@ -185,7 +185,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
         longest = max(len(p) for p in prompts)
         if longest == 0:
             raise ApiError(400, "the prompt is empty", "prompt")
-        if any(not 0 <= t < vocab for p in prompts for t in p):
+        if any(p and (min(p) < 0 or max(p) >= vocab) for p in prompts):  # min/max: C loops, not a generator
             raise ApiError(400, f"prompt token ids must lie in [0, {vocab})", "prompt")
         room = max_seq_len - longest
         if max_tokens is None:
@@ -256,7 +256,7 @@ def create_app(slot: EngineSlot, settings: ServerSettings) -> FastAPI:
         prompt = body.prompt
         if isinstance(prompt, str):
             prompts = [encode(engine, prompt)]
-        elif prompt and all(isinstance(p, int) for p in prompt):
+        elif prompt and isinstance(prompt[0], int):  # the protocol's union has homogeneous lists only
             prompts = [list(prompt)]
         else:
             prompts = [encode(engine, p) if isinstance(p, str) else list(p) for p in prompt]
