@@ -82,6 +82,89 @@ def word_nibbles(words, xor_bits):
     )  # fmt: skip
 
 
+# The half2 recipe (`half2_tile_sums`, KILN_INT4_GEMV_UNPACK=half2): nibbles become fp16 pairs and meet the
+# activations in fp16x2 products, two weights an instruction. For each word, LOP3 with LUT 0x6A computes
+# (mask ? word ^ C : C) bit by bit with C = 0x6408 (or 0x6480) in both halves: inside the masked nibbles it flips
+# bit 3 (two's complement s -> s + 8) and elsewhere writes the exponent of fp16 1024, so each 16-bit half is the
+# number 1024 + s + 8 (nibble at bits 0-3) or 1152 + 16 s (bits 4-7); one SUB leaves s or 16 s, exactly. Bits
+# 0-3 and 16-19 of a word are K positions 0 and 2 of the even row, bits 4-7 and 20-23 the odd row's; the word
+# shifted right by 8 gives positions 1 and 3. Activations come as fp16 pairs (x0, x2) and (x1, x3), divided by 16
+# (even) and 256 (odd: its values are 16 s) so that no fp16 product or sum overflows; four words (16 K
+# positions) add up in fp16x2 before the two halves go to fp32.
+_HALF2_ASM = tl.constexpr(
+    """
+{
+.reg .b32 w8, e02, o02, e13, o13, se, so, ce, co;
+.reg .b16 lo, hi;
+.reg .f32 fa, fb;
+mov.b32 ce, 0x64086408;
+mov.b32 co, 0x64806480;
+"""
+    + "".join(
+        f"""
+shr.u32 w8, ${2 + i}, 8;
+lop3.b32 e02, ${2 + i}, 0x000F000F, ce, 0x6A;
+lop3.b32 o02, ${2 + i}, 0x00F000F0, co, 0x6A;
+lop3.b32 e13, w8, 0x000F000F, ce, 0x6A;
+lop3.b32 o13, w8, 0x00F000F0, co, 0x6A;
+sub.f16x2 e02, e02, ce;
+sub.f16x2 o02, o02, co;
+sub.f16x2 e13, e13, ce;
+sub.f16x2 o13, o13, co;
+{f"mul.rn.f16x2 se, e02, ${6 + 4 * i}" if i == 0 else f"fma.rn.f16x2 se, e02, ${6 + 4 * i}, se"};
+fma.rn.f16x2 se, e13, ${7 + 4 * i}, se;
+{f"mul.rn.f16x2 so, o02, ${8 + 4 * i}" if i == 0 else f"fma.rn.f16x2 so, o02, ${8 + 4 * i}, so"};
+fma.rn.f16x2 so, o13, ${9 + 4 * i}, so;
+"""
+        for i in range(4)
+    )
+    + """
+mov.b32 {lo, hi}, se;
+cvt.f32.f16 fa, lo;
+cvt.f32.f16 fb, hi;
+add.f32 $0, fa, fb;
+mov.b32 {lo, hi}, so;
+cvt.f32.f16 fa, lo;
+cvt.f32.f16 fb, hi;
+add.f32 $1, fa, fb;
+}
+"""
+)
+
+
+@triton.jit
+def _fp16_pair(lo, hi):
+    """Two fp32 tensors -> int32 words holding them as fp16 (lo in bits 0-15, hi in bits 16-31)."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], tl.int32, True, 1)
+
+
+@triton.jit
+def _quarters(t):
+    """[R, C] -> four [R, C / 4] tensors: columns 4j, 4j + 1, 4j + 2, 4j + 3 (registers of one thread: no copy)."""
+    a, b = tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 4, 2, 2]))  # a: columns 4j + 2p, b: 4j + 2p + 1
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
+
+
+@triton.jit
+def half2_tile_sums(words, x0, x1, x2, x3):
+    """Row sums (even, odd) [HALF_N] of a words tile [HALF_N, C] times one activation row, on fp16x2 (see
+    _HALF2_ASM). x_j [C] fp32: the activation at K position 4c + j of each word column c."""
+    w0, w1, w2, w3 = _quarters(words)
+    e02 = _quarters(_fp16_pair(x0 * 0.0625, x2 * 0.0625)[None, :])  # even rows: activations / 16
+    e13 = _quarters(_fp16_pair(x1 * 0.0625, x3 * 0.0625)[None, :])
+    o02 = _quarters(_fp16_pair(x0 * 0.00390625, x2 * 0.00390625)[None, :])  # odd rows (16 s): / 256
+    o13 = _quarters(_fp16_pair(x1 * 0.00390625, x3 * 0.00390625)[None, :])
+    even, odd = tl.inline_asm_elementwise(
+        _HALF2_ASM, "=r,=r" + ",r" * 20,
+        [w0, w1, w2, w3, e02[0], e13[0], o02[0], o13[0], e02[1], e13[1], o02[1], o13[1], e02[2], e13[2], o02[2],
+         o13[2], e02[3], e13[3], o02[3], o13[3]],
+        (tl.float32, tl.float32), True, 1,
+    )  # fmt: skip
+    return tl.sum(even, axis=1) * 16.0, tl.sum(odd, axis=1) * 16.0
+
+
 @triton.jit
 def _dequantize_kernel(
     w_ptr,

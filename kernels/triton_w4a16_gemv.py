@@ -21,6 +21,7 @@ from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_split_k import reduce_split_k, split_k_launch, tile_counters
 from kiln.kernels.triton_w4_dequantize import (
     NIBBLE_XOR_BITS,
+    half2_tile_sums,
     signed_nibbles,
     signed_nibbles_fp32,
     word_nibbles,
@@ -34,7 +35,9 @@ MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core 
 # converts bytes with int-to-float instructions (the slowest, kept for checks).
 # One row, swept on an H200 (bf16, group 128, Llama-3-8B's four layer shapes, docs/benchmarks.md round 7):
 # words, 128 outputs, 2 stages, 16 programs per SM: 61.9 us for the four layers, against 86 us for the
-# floats path's best. KILN_INT4_GEMV_UNPACK=floats picks the byte path for an A/B run (docs/bench.md).
+# floats path's best. KILN_INT4_GEMV_UNPACK=floats picks the byte path for an A/B run (docs/bench.md);
+# KILN_INT4_GEMV_UNPACK=half2 reads words and multiplies on fp16x2 instructions (triton_w4_dequantize.half2_tile_sums:
+# 460 instructions a loop step against 640 for words, in the SASS for sm_90; not yet timed on a GPU).
 GEMV_CONFIG = {
     "block_n": 128,
     "num_warps": 4,
@@ -63,8 +66,10 @@ def _put_row(sums, row_sums, rows, m: tl.constexpr):
 def _word_tile_sums(
     x_ptr, w_ptr, pre_quant_scale_ptr, pairs, pair_mask, k0, K, stride_xm, stride_wn, xor_bits,
     NUM_ROWS: tl.constexpr, ROWS: tl.constexpr, HAS_PRE_QUANT_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+    HALF2: tl.constexpr,
 ):  # fmt: skip
-    """Row sums [ROWS, HALF_N] (even, odd outputs) of one K tile read as int32 words (w_ptr: words [N / 2, K / 4])."""
+    """Row sums [ROWS, HALF_N] (even, odd outputs) of one K tile read as int32 words (w_ptr: words [N / 2, K / 4]);
+    HALF2: on fp16x2 instructions (triton_w4_dequantize.half2_tile_sums), else in fp32 (word_nibbles)."""
     HALF_N: tl.constexpr = pairs.shape[0]
     cols = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # word columns: K positions 4c .. 4c + 3
     col_mask = cols < K // 4
@@ -73,8 +78,9 @@ def _word_tile_sums(
         mask=pair_mask[:, None] & col_mask[None, :],
         other=0,
     )
-    # s * 2**p (p: see triton_w4_dequantize.word_nibbles); the activations below take the 2**-p (exact)
-    low0, low1, low2, low3, high0, high1, high2, high3 = word_nibbles(words, xor_bits)
+    if not HALF2:
+        # s * 2**p (p: see triton_w4_dequantize.word_nibbles); the activations below take the 2**-p (exact)
+        low0, low1, low2, low3, high0, high1, high2, high3 = word_nibbles(words, xor_bits)
     rows = tl.arange(0, ROWS)
     sums_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
     sums_odd = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
@@ -89,12 +95,16 @@ def _word_tile_sums(
             x1 *= tl.load(pre_quant_scale_ptr + 4 * cols + 1, mask=col_mask, other=0.0).to(tl.float32)
             x2 *= tl.load(pre_quant_scale_ptr + 4 * cols + 2, mask=col_mask, other=0.0).to(tl.float32)
             x3 *= tl.load(pre_quant_scale_ptr + 4 * cols + 3, mask=col_mask, other=0.0).to(tl.float32)
-        even = low0 * x0[None, :] + low1 * (x1 * 0.00390625)[None, :] + low2 * (x2 * 1.52587890625e-05)[None, :]
-        even += low3 * (x3 * 0.000244140625)[None, :]
-        odd = high0 * (x0 * 0.0625)[None, :] + high1 * (x1 * 0.000244140625)[None, :]
-        odd += high2 * (x2 * 0.00390625)[None, :] + high3 * (x3 * 1.52587890625e-05)[None, :]
-        sums_even = _put_row(sums_even, tl.sum(even, axis=1), rows, m)
-        sums_odd = _put_row(sums_odd, tl.sum(odd, axis=1), rows, m)
+        if HALF2:
+            row_even, row_odd = half2_tile_sums(words, x0, x1, x2, x3)
+        else:
+            even = low0 * x0[None, :] + low1 * (x1 * 0.00390625)[None, :] + low2 * (x2 * 1.52587890625e-05)[None, :]
+            even += low3 * (x3 * 0.000244140625)[None, :]
+            odd = high0 * (x0 * 0.0625)[None, :] + high1 * (x1 * 0.000244140625)[None, :]
+            odd += high2 * (x2 * 0.00390625)[None, :] + high3 * (x3 * 1.52587890625e-05)[None, :]
+            row_even, row_odd = tl.sum(even, axis=1), tl.sum(odd, axis=1)
+        sums_even = _put_row(sums_even, row_even, rows, m)
+        sums_odd = _put_row(sums_odd, row_odd, rows, m)
     return sums_even, sums_odd
 
 
@@ -187,10 +197,10 @@ def _w4a16_gemv_kernel(
             group = k0 // GROUP_SIZE
             s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
             s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
-        if UNPACK == "words":
+        if UNPACK == "words" or UNPACK == "half2":
             sums_even, sums_odd = _word_tile_sums(
                 x_ptr, w_ptr, pre_quant_scale_ptr, pairs, pair_mask, k0, K, stride_xm, stride_wn, xor_bits,
-                NUM_ROWS, ROWS, HAS_PRE_QUANT_SCALE, BLOCK_K,
+                NUM_ROWS, ROWS, HAS_PRE_QUANT_SCALE, BLOCK_K, UNPACK == "half2",
             )  # fmt: skip
         else:
             sums_even, sums_odd = _byte_tile_sums(
@@ -232,8 +242,9 @@ def w4a16_gemv(
     partial, out = launch.partial, launch.out
     pdl = use_pdl(x.device)
     unpack = config["unpack"]
-    words = _as_words(packed) if unpack == "words" and group_size % block_k == 0 else None
-    if words is None and unpack == "words":
+    reads_words = unpack in ("words", "half2")
+    words = _as_words(packed) if reads_words and group_size % block_k == 0 else None
+    if words is None and reads_words:
         unpack = "floats"  # tiles spanning several scale groups, or bytes that do not form aligned words
     weights = words if words is not None else packed
     _w4a16_gemv_kernel[launch.grid](

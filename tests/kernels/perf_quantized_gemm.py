@@ -118,7 +118,7 @@ def sweep(kinds: list[str]) -> None:
             "num_warps": [4, 8],
             "num_stages": [1, 2],
             "programs_per_sm": [8, 16],
-            "unpack": ["words", "floats"],
+            "unpack": ["words", "half2"],
         }
         _sweep(
             "int4 M=1",

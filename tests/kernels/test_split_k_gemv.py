@@ -68,7 +68,7 @@ def test_int4_gemv_matches_reference_and_repeats_bit_for_bit(m, with_bias):
 
 @contextmanager
 def _int4_unpack(unpack: str) -> Iterator[None]:
-    """The INT4 GEMV's weight path for every row count ("words", "floats", "ints"), restored after."""
+    """The INT4 GEMV's weight path for every row count ("words", "half2", "floats", "ints"), restored after."""
     from kiln.kernels.triton_w4a16_gemv import FEW_ROWS_GEMV_CONFIG, GEMV_CONFIG
 
     saved = GEMV_CONFIG["unpack"], FEW_ROWS_GEMV_CONFIG["unpack"]
@@ -79,7 +79,7 @@ def _int4_unpack(unpack: str) -> Iterator[None]:
         GEMV_CONFIG["unpack"], FEW_ROWS_GEMV_CONFIG["unpack"] = saved
 
 
-@pytest.mark.parametrize("unpack", ["words", "floats"])
+@pytest.mark.parametrize("unpack", ["words", "half2", "floats"])
 def test_int4_gemv_rows_equal_their_single_row_products(unpack):
     # The weight tile is unpacked once for all rows; each row's sums keep the single-row order (the row
     # counts' launch settings made equal: the split of K decides the order of the sums).
@@ -113,7 +113,27 @@ def test_int4_nibbles_converted_without_int_to_float_equal_the_integer_path(m):
     assert _relative_error(results["words"], int4_linear_reference(*args)) < 1e-2
 
 
-@pytest.mark.parametrize("unpack", ["words", "floats"])
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("outlier", [None, 2000.0])
+def test_int4_half2_products_match_the_integer_path(m, outlier):
+    # KILN_INT4_GEMV_UNPACK=half2: exact nibbles, fp16 products and 16-position fp16 sums, so equal to rounding;
+    # activations of 2,000 (a few per row) must not overflow them.
+    from kiln.kernels.triton_w4a16_gemm import w4a16_linear
+
+    x, packed, scales, pre_quant_scale, bias = _int4_case(m, 4096, 4096, True, seed=13)
+    if outlier is not None:
+        x[:, ::997] = outlier
+    args = (x, packed, scales, pre_quant_scale, bias)
+    results = {}
+    for unpack in ("ints", "half2"):
+        with _int4_unpack(unpack):
+            results[unpack] = w4a16_linear(*args)
+    assert torch.isfinite(results["half2"]).all()
+    assert _relative_error(results["half2"], results["ints"]) < 5e-3
+    assert _relative_error(results["half2"], int4_linear_reference(*args)) < 1e-2
+
+
+@pytest.mark.parametrize("unpack", ["words", "half2", "floats"])
 @pytest.mark.parametrize("m", [1, 3])
 def test_int4_gemv_of_a_k_shard_matches_reference(unpack, m):
     # A row-parallel rank's weight is a column slice of the packed bytes: read as words where they align,
