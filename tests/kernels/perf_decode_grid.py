@@ -12,7 +12,6 @@ each with the sequences fastest in the grid and with a sequence's KV heads faste
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from perf_triton_attention import HEADS, bench, row  # noqa: E402
+from perf_triton_attention import HEADS, bench, decode_call, row  # noqa: E402
 from test_triton_attention import make_case  # noqa: E402
 
-from kiln.kernels.triton_decode_attention import decode_attention, decode_num_splits  # noqa: E402
+from kiln.kernels.triton_decode_attention import decode_num_splits  # noqa: E402
 
 
 @triton.jit
@@ -70,7 +69,6 @@ def grid_table(num_seqs: int, context_len: int) -> None:
             [1] * num_seqs, [context_len] * num_seqs, HEADS, torch.bfloat16, 16, seed=0, cache_dtype=cache_dtype
         )
         kv_bytes = 2 * num_seqs * context_len * HEADS[1] * HEADS[2] * cache_dtype.itemsize
-        md = case.metadata
         auto_splits = decode_num_splits(context_len, num_seqs, HEADS[1], case.q.device)
         for heads_fastest in (False, True):
             order = "heads fastest" if heads_fastest else "seqs fastest"
@@ -78,11 +76,7 @@ def grid_table(num_seqs: int, context_len: int) -> None:
                 probe = functools.partial(read_probe, case, heads_fastest, block_n, num_warps, num_stages)
                 row(f"  probe, {order}, {block_n} keys {num_warps} warps {num_stages} stages", bench(probe), kv_bytes)
             for splits in sorted({1, auto_splits}):
-                decode = functools.partial(
-                    decode_attention, case.q, case.k_cache, case.v_cache, md.block_tables, md.seq_lens,
-                    torch.empty_like(case.q), scale=1 / math.sqrt(HEADS[2]), sliding_window=None,
-                    num_splits=splits, heads_fastest=heads_fastest,
-                )  # fmt: skip
+                decode = decode_call(case, splits, heads_fastest=heads_fastest)
                 row(f"  decode kernel, {order}, {splits} split(s)", bench(decode), kv_bytes)
 
 

@@ -43,6 +43,16 @@ def row(name: str, ms: float, num_bytes: float | None = None, flops: float | Non
     print(f"{name:<48} {ms * 1000:10.1f} us{extra}")
 
 
+def decode_call(case, num_splits: int, **options):
+    """The decode kernel alone over a case's cache (Llama-3-8B heads), as a call to time; `options` go to
+    `decode_attention` (tile, heads_fastest)."""
+    return functools.partial(
+        decode_attention, case.q, case.k_cache, case.v_cache, case.metadata.block_tables, case.metadata.seq_lens,
+        torch.empty_like(case.q), scale=1 / math.sqrt(HEADS[2]), sliding_window=None, num_splits=num_splits,
+        **options,
+    )  # fmt: skip
+
+
 def decode_table(num_seqs: int = 64, context_len: int = 2048, cache_dtype: torch.dtype = torch.bfloat16) -> None:
     num_heads, num_kv_heads, head_dim = HEADS
     case = make_case(
@@ -60,22 +70,8 @@ def decode_table(num_seqs: int = 64, context_len: int = 2048, cache_dtype: torch
         )  # fmt: skip
 
     row("triton_paged_attention (store + decode, auto)", bench(paged()), kv_bytes)
-    out = torch.empty_like(case.q)
     for splits in (1, 2, 4, 8):
-        ms = bench(
-            lambda s=splits: decode_attention(
-                case.q,
-                case.k_cache,
-                case.v_cache,
-                md.block_tables,
-                md.seq_lens,
-                out,
-                scale=scale,
-                sliding_window=None,
-                num_splits=s,
-            )
-        )
-        row(f"  decode kernel only, num_splits={splits}", ms, kv_bytes)
+        row(f"  decode kernel only, num_splits={splits}", bench(decode_call(case, splits)), kv_bytes)
     k_cache, v_cache = case.k_cache.contiguous(), case.v_cache.contiguous()
     ref = lambda: reference_attention(  # noqa: E731
         case.q, case.k, case.v, md, scale=scale, sliding_window=None, k_cache=k_cache, v_cache=v_cache
@@ -113,15 +109,11 @@ def tile_sweep(cache_dtypes: tuple[torch.dtype, ...], num_seqs: int = 256, conte
             [1] * num_seqs, [context_len] * num_seqs, HEADS, torch.bfloat16, 16, seed=0, cache_dtype=cache_dtype
         )
         kv_bytes = 2 * num_seqs * context_len * HEADS[1] * HEADS[2] * cache_dtype.itemsize
-        decode = functools.partial(
-            decode_attention, case.q, case.k_cache, case.v_cache, case.metadata.block_tables, case.metadata.seq_lens,
-            torch.empty_like(case.q), scale=1 / math.sqrt(HEADS[2]), sliding_window=None, num_splits=1,
-        )  # fmt: skip
         for tile in SWEEP_TILES[cache_dtype.itemsize]:
             block_n, num_warps, num_stages, min_rows = tile.block_n, tile.num_warps, tile.num_stages, tile.min_rows
             name = f"  block_n={block_n} warps={num_warps} stages={num_stages} rows={min_rows}"
             try:
-                row(name, bench(functools.partial(decode, tile=tile)), kv_bytes)
+                row(name, bench(decode_call(case, 1, tile=tile)), kv_bytes)
             except Exception as error:  # noqa: BLE001 - a setting that does not fit (shared memory) is skipped
                 print(f"{name}: {type(error).__name__}")
 
