@@ -22,6 +22,40 @@ SILU_BLOCK = 1024  # columns of the output per SiLU-and-mul program
 
 
 @triton.jit
+def add_rms_norm_row(
+    x,
+    row,
+    cols,
+    mask,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    new_residual_ptr,
+    hidden,
+    eps,
+    stride_r,
+    stride_o,
+    stride_nr,
+    HAS_RESIDUAL: tl.constexpr,
+    STORE_SUM: tl.constexpr,
+):
+    """One row x [BLOCK] (the activations' dtype): adds the residual row, stores the sum (STORE_SUM), and stores
+    RMSNorm(sum) * weight. Shared with kernels/triton_peer_reduce.py, which sums x over the ranks first."""
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # The sum is rounded to the activations' dtype before it is normalised, as the reference does.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    if STORE_SUM:
+        tl.store(new_residual_ptr + row * stride_nr + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
+    # Normalise in fp32, round to the activations' dtype, then scale by the weight and round again.
+    normed = (x32 * rstd).to(x.dtype).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _add_rms_norm_kernel(
     x_ptr,
     residual_ptr,
@@ -44,17 +78,10 @@ def _add_rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        # The sum is rounded to the activations' dtype before it is normalised, as the reference does.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(new_residual_ptr + row * stride_nr + cols, x, mask=mask)
-    x32 = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
-    # Normalise in fp32, round to the activations' dtype, then scale by the weight and round again.
-    normed = (x32 * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    add_rms_norm_row(
+        x, row, cols, mask, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, hidden, eps, stride_r, stride_o,
+        stride_nr, HAS_RESIDUAL, HAS_RESIDUAL,
+    )  # fmt: skip
 
 
 def fused_add_rms_norm(

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from kiln.kernels.attention import AttentionFunction, AttentionMetadata, reference_attention
 from kiln.models.linear import LoadableModule
+from kiln.models.parallel import reduce_add_rms_norm
 from kiln.models.quantized_linear import fake_quant_fp8
 
 
@@ -51,8 +52,16 @@ class RMSNorm(LoadableModule):
         self.eps = eps
         self.create_param("weight", hidden_size)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, residual: [num_tokens, hidden]. Returns the normed sum and the sum (the new residual)."""
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, partial: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual: [num_tokens, hidden]. Returns the normed sum and the sum (the new residual).
+
+        partial: x is this tensor-parallel rank's partial sum (models.parallel.partial_sums_left_to_norms); the
+        ranks' x are summed first, fused into one kernel with this norm where the GPUs allow it.
+        """
+        if partial:
+            return reduce_add_rms_norm(x, residual, self.weight, self.eps, self.forward)
         if use_fused_ops(x) and (residual is None or residual.dtype == x.dtype):
             from kiln.kernels.triton_fused_ops import fused_add_rms_norm
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from kiln.core.errors import WeightMappingError
 from kiln.kernels.dense_gemm import dense_linear
-from kiln.models.parallel import all_reduce, tensor_parallel
+from kiln.models.parallel import all_reduce, rank_share, tensor_parallel
 
 
 class LoadableModule(nn.Module):
@@ -166,11 +166,14 @@ class RowParallelLinear(LinearBase):
     def weight_part(self, shard_id: Hashable | None) -> RankPart | None:
         return RankPart(1, tensor_parallel().rank * self.input_size, self.input_size)
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False, reduce: bool = True) -> torch.Tensor:
         """[num_tokens, input_size / ranks] -> [num_tokens, output_size], summed over the ranks (gated: as
-        LinearBase.forward, this rank's [gate | up] shards)."""
+        LinearBase.forward, this rank's [gate | up] shards). reduce=False: this rank's share of the sum, for the
+        next RMSNorm to sum (models.parallel.partial_sums_left_to_norms)."""
         if tensor_parallel().size == 1:
             return dense_linear(x, self.weight, self.bias, gated)  # one fused GEMM + bias, as without parallelism
+        if not reduce:
+            return rank_share(dense_linear(x, self.weight, None, gated), self.bias)
         out = all_reduce(dense_linear(x, self.weight, None, gated))
         return out if self.bias is None else out + self.bias
 
@@ -244,11 +247,12 @@ class VocabEmbedding(LoadableModule):
             part = torch.cat([part, part.new_zeros(self.rows_per_rank - part.shape[0], part.shape[1])])
         return part
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[num_tokens] -> [num_tokens, hidden_size]."""
+    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, hidden_size]. reduce=False under tensor parallelism: this rank's rows (zeros
+        for the others' tokens), for the first RMSNorm to sum over the ranks."""
         if tensor_parallel().size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.first_row
         mine = (local >= 0) & (local < self.rows_per_rank)
         out = F.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight) * mine.unsqueeze(-1)
-        return all_reduce(out)
+        return all_reduce(out) if reduce else out

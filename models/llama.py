@@ -14,7 +14,7 @@ from kiln.models.linear import (
     RowParallelLinear,
     VocabEmbedding,
 )
-from kiln.models.parallel import all_gather_last_dim
+from kiln.models.parallel import all_gather_last_dim, partial_sums_left_to_norms
 from kiln.models.pipeline import OtherStage, pipeline_stage
 from kiln.models.rotary import RotaryEmbedding
 
@@ -43,16 +43,20 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        reduce: bool = True,
     ) -> torch.Tensor:
-        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+        """[num_tokens, hidden] -> [num_tokens, hidden] (reduce=False: this TP rank's partial sum of it)."""
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.attn.rotates_with_kv_store(q):
             rotary = (positions, self.rotary_emb.cos_cache, self.rotary_emb.sin_cache)
-            return self.o_proj(self.attn(q, k, v, attn_metadata, rotary=rotary))
+            return self.o_proj(self.attn(q, k, v, attn_metadata, rotary=rotary), reduce=reduce)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, attn_metadata))
+        return self.o_proj(self.attn(q, k, v, attn_metadata), reduce=reduce)
 
 
 class LlamaMLP(nn.Module):
@@ -66,16 +70,20 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, hidden] -> [num_tokens, hidden]."""
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_tokens, hidden] (reduce=False: this TP rank's partial sum of it)."""
         gate_up = self.gate_up_proj(x)
         if silu_fused_into_next_product(gate_up):
-            return self.down_proj(gate_up, gated=True)
-        return self.down_proj(self.act_fn(gate_up))
+            return self.down_proj(gate_up, gated=True, reduce=reduce)
+        return self.down_proj(self.act_fn(gate_up), reduce=reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm transformer block; the residual add is fused into the next norm."""
+    """Pre-norm transformer block; the residual add is fused into the next norm.
+
+    Under tensor parallelism the hidden states between blocks are each rank's partial sums: a norm sums them
+    over the ranks (fused with it on GPUs that reach each other's memory), the residual stream stays whole.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
@@ -90,12 +98,16 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
         attn_metadata: AttentionMetadata,
+        partial: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this block's mlp output, the residual stream before it), both [num_tokens, hidden]."""
-        hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        """Returns (this block's mlp output, the residual stream before it), both [num_tokens, hidden].
+
+        partial: hidden_states comes in, and the mlp output goes out, as this rank's partial sum (TP).
+        """
+        hidden_states, residual = self.input_layernorm(hidden_states, residual, partial=partial)
+        hidden_states = self.self_attn(positions, hidden_states, attn_metadata, reduce=not partial)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, partial=partial)
+        return self.mlp(hidden_states, reduce=not partial), residual
 
 
 class LlamaModel(nn.Module):
@@ -133,14 +145,17 @@ class LlamaModel(nn.Module):
         """This stage's part of forward, as (hidden_states, residual), each [num_tokens, hidden].
 
         The first stage starts from `input_ids`, the others from the previous stage's (hidden_states,
-        residual); the last stage returns the final norm's output. One stage: the whole forward.
+        residual); the last stage returns the final norm's output. One stage: the whole forward. Under tensor
+        parallelism the hidden states a stage sends on are the rank's partial sums (LlamaDecoderLayer): each
+        goes to the same TP rank of the next stage, whose first norm sums them.
         """
+        partial = partial_sums_left_to_norms()
         if self.stage.is_first:
-            hidden_states = self.embed_tokens(input_ids)
+            hidden_states = self.embed_tokens(input_ids, reduce=not partial)
         for i in self.stage_layers:
-            hidden_states, residual = self.layers[i](positions, hidden_states, residual, attn_metadata)
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual, attn_metadata, partial)
         if self.stage.is_last:
-            hidden_states, residual = self.norm(hidden_states, residual)
+            hidden_states, residual = self.norm(hidden_states, residual, partial=partial)
         return hidden_states, residual
 
 

@@ -7,12 +7,14 @@ of every split tensor. With a world size of 1 (the default) nothing is split and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from kiln.core.errors import UserInputError
+from kiln.models.peer_all_reduce import PeerBuffers
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    peers: PeerBuffers | None = None  # GPUs of one machine: sums fused with the next norm (peer_all_reduce)
 
     def split(self, total: int, what: str) -> int:
         """This rank's share of `total` (heads, channels), which must divide evenly."""
@@ -38,10 +41,12 @@ def tensor_parallel() -> TensorParallel:
     return _STATE
 
 
-def set_tensor_parallel(rank: int, size: int, group: dist.ProcessGroup | None = None) -> None:
+def set_tensor_parallel(
+    rank: int, size: int, group: dist.ProcessGroup | None = None, peers: PeerBuffers | None = None
+) -> None:
     """Set this process's rank and group size (before any model is built)."""
     global _STATE
-    _STATE = TensorParallel(rank, size, group)
+    _STATE = TensorParallel(rank, size, group, peers)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +55,34 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     if state.size > 1:
         dist.all_reduce(x, group=state.group)
     return x
+
+
+def partial_sums_left_to_norms() -> bool:
+    """Whether row-parallel layers (o_proj, down_proj, the embedding) return this rank's partial sum and leave
+    the sum over the ranks to the next RMSNorm (`reduce_add_rms_norm`): under tensor parallelism, always."""
+    return _STATE.size > 1
+
+
+def rank_share(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A row-parallel layer's partial output as this rank's share of the sum: the bias is added on rank 0 only."""
+    return out if bias is None or _STATE.rank != 0 else out + bias
+
+
+NormFn = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, norm: NormFn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm(sum over the ranks of x, residual)`: one fused kernel through the peer buffers where x fits them
+    (decode sizes), else an NCCL all-reduce of x in place, then `norm` (the RMSNorm's own add + norm)."""
+    peers = _STATE.peers
+    fits = peers is not None and peers.covers(x) and weight.dtype == x.dtype
+    if fits and (residual is None or residual.dtype == x.dtype):
+        from kiln.kernels.triton_peer_reduce import peer_reduce_add_rms_norm
+
+        return peer_reduce_add_rms_norm(x, residual, weight, eps, peers)
+    return norm(all_reduce(x), residual)
 
 
 def broadcast_from_first_rank(x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from kiln.kernels.quantized_gemm import (
     silu_and_mul_rows,
 )
 from kiln.models.linear import LinearBase, LoadableModule, RankPart, check_shape, rank_part
-from kiln.models.parallel import all_reduce, tensor_parallel
+from kiln.models.parallel import all_reduce, rank_share, tensor_parallel
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -105,13 +105,16 @@ class QuantizedLinear(LoadableModule):
             return part if part.dim == 0 else None  # a row-parallel bias is added once, after the sum
         return part
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False, reduce: bool = True) -> torch.Tensor:
         """[num_tokens, in] -> [num_tokens, out]; a row-parallel layer's partial outputs summed over the ranks.
 
         gated: x is [num_tokens, 2 * in], [gate | up], and the product takes silu(gate) * up (LinearBase.forward).
+        reduce=False: a row-parallel layer returns this rank's share of the sum, for the next RMSNorm to sum.
         """
         if not self.reduce_output:
             return self.matmul(x, self.bias, gated)
+        if not reduce:
+            return rank_share(self.matmul(x, None, gated), self.bias)
         out = all_reduce(self.matmul(x, None, gated))
         return out if self.bias is None else out + self.bias
 

@@ -40,7 +40,7 @@ class StageGroup(WorkerGroup):
     error = PipelineParallelError
 
     @staticmethod
-    def join(rank: int, size: int, tp_size: int = 1) -> None:
+    def join(rank: int, size: int, tp_size: int = 1, timeout_s: float = 60.0) -> None:
         """Become global rank `rank` of `size`: stage rank // tp_size, TP rank rank % tp_size within it.
 
         Every rank creates every stage's TP group, in stage order (torch.distributed wants all ranks to

@@ -32,6 +32,10 @@ class ChannelClosed(Exception):
     """The other side is gone (rank 0 exited, or a reader died): nothing more will come through."""
 
 
+class PeerGone(ChannelClosed):
+    """The other side's process closed its end (it stopped), as opposed to a reader that is late."""
+
+
 class OversizeMessage:
     """Placeholder sent instead of a message larger than the channel: the reader fetches it another way."""
 
@@ -100,7 +104,7 @@ class StepChannel:
                 time.sleep(_IDLE_SLEEP_S)
             if polls % _CHECK_EVERY == 0 or waited > _SPIN_S:
                 if not alive():
-                    raise ChannelClosed("the other side of the step channel is gone")
+                    raise PeerGone("the other side of the step channel is gone")
                 if timeout_s is not None and waited > timeout_s:
                     raise ChannelClosed(f"no reader took the previous message within {timeout_s:.0f} s")
 

@@ -51,6 +51,6 @@ def serve_torchrun_rank(
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torchrun_device(device)
     gloo_steps = init_group(rank, size, TORCHRUN_INIT, device, timeout_s)
-    group.join(rank, size, tp_size)
+    group.join(rank, size, tp_size, timeout_s)
     run_rank(group, rank, Inbox(None, rank - 1, gloo_steps, parent=os.getppid()), model_dir, dtype, device, dummy,
              timeout_s)  # fmt: skip

@@ -34,8 +34,9 @@ import torch.distributed as dist
 
 from kiln.core.errors import KilnError
 from kiln.models.parallel import set_tensor_parallel
+from kiln.models.peer_all_reduce import open_peer_buffers
 from kiln.runtime.process_group import abort_collectives, init_group, leave_group, rank_devices
-from kiln.runtime.step_channel import ChannelClosed, StepChannel
+from kiln.runtime.step_channel import ChannelClosed, PeerGone, StepChannel
 from kiln.runtime.torchrun import TORCHRUN_INIT, torchrun_device, torchrun_rank
 from kiln.runtime.worker_rank import WATCH_INTERVAL_S, CacheSpec, release_graphs, spawned_rank_main
 
@@ -82,7 +83,7 @@ class WorkerGroup:
             self.processes: list[multiprocessing.Process] = []
             self._channel: StepChannel | None = None
             self._steps = init_group(0, size, TORCHRUN_INIT, self.devices[0], timeout_s)
-            self.join(0, size, tp_size)
+            self.join(0, size, tp_size, timeout_s)
             atexit.register(self.shutdown)
             return
         self.devices = rank_devices(device, size)
@@ -103,16 +104,19 @@ class WorkerGroup:
         for process in self.processes:
             process.start()
         self._steps = init_group(0, size, init, self.devices[0], timeout_s)
-        self.join(0, size, tp_size)
+        self.join(0, size, tp_size, timeout_s)
         if self.devices[0].type == "cuda":
             threading.Thread(target=self._watch_workers, name="kiln-worker-watchdog", daemon=True).start()
         atexit.register(self.shutdown)  # a script that never calls shutdown still stops its workers cleanly
 
     @staticmethod
-    def join(rank: int, size: int, tp_size: int = 1) -> None:
+    def join(rank: int, size: int, tp_size: int = 1, timeout_s: float = 60.0) -> None:
         """Set this process's parallel state as rank `rank` of `size` (before its model is built); all ranks are
-        tensor-parallel here, so `tp_size` (the TP ranks of a pipeline stage) is not used."""
-        set_tensor_parallel(rank, size, dist.group.WORLD)
+        tensor-parallel here, so `tp_size` (the TP ranks of a pipeline stage) is not used. GPUs of one machine
+        also open the peer buffers that sum the layers' outputs at decode sizes (collective: every rank joins);
+        their kernel waits for a peer at most `timeout_s`, as the NCCL collectives do."""
+        group = dist.group.WORLD
+        set_tensor_parallel(rank, size, group, open_peer_buffers(group, timeout_s) if size > 1 else None)
 
     @staticmethod
     def leave() -> None:
@@ -133,6 +137,10 @@ class WorkerGroup:
             raise self.error(self.failure or f"{self.kind} worker process(es) {dead} stopped; the run cannot go on")
         try:
             self._send(item)
+        except PeerGone as exc:
+            # A killed worker's end of the channel closes before its process is reaped (a process with a CUDA
+            # context, and peer memory another rank maps, can take seconds to die), so _dead_pids may not know yet.
+            raise self.error(f"{self.kind} worker process(es) stopped; the run cannot go on ({exc})") from exc
         except (ChannelClosed, RuntimeError) as exc:
             raise self.error(f"a {self.kind} rank stopped answering: {exc}") from exc
         self._in_step = item is not None

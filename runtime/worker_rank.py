@@ -82,7 +82,7 @@ def spawned_rank_main(
     gloo_steps = init_group(rank, size, init, device, timeout_s)
     path, capacity = channel
     inbox = Inbox(StepChannel(path, size - 1, capacity, create=False), rank - 1, gloo_steps, parent)
-    group.join(rank, size, tp_size)
+    group.join(rank, size, tp_size, timeout_s)
     run_rank(group, rank, inbox, Path(model_dir), dtype, device, dummy_weights, timeout_s)
 
 

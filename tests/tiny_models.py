@@ -47,14 +47,23 @@ def save_tiny_model(
     max_shard_size: str | None = None,
     with_tokenizer: bool = True,
     seed: int = 0,
+    random_biases: bool = False,
     **overrides: object,
 ) -> Path:
-    """Write a tiny random model of a family (llama, mistral, qwen2) with save_pretrained."""
+    """Write a tiny random model of a family (llama, mistral, qwen2) with save_pretrained.
+
+    random_biases: transformers initialises biases to zero; this draws them, so a test sees where they go.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(architecture, **{**TINY_SIZES, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    if random_biases:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0.0, 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kwargs)
     if with_tokenizer:

@@ -14,6 +14,8 @@ CASES = [
     ("llama", {}, 2),  # GQA: 4 heads, 2 KV heads -> one KV head per rank
     ("llama", {}, 4),  # fewer KV heads than ranks: each KV head replicated on 2 ranks
     ("qwen2", {}, 2),  # q/k/v biases split with their rows
+    # o_proj and down_proj biases: added once (by rank 0) to the partial sums the next norm adds up
+    ("llama", {"attention_bias": True, "mlp_bias": True, "random_biases": True}, 2),
     ("llama", {"tie_word_embeddings": True, "vocab_size": 321}, 2),  # tied, vocabulary padded to 2 x 161
 ]
 
