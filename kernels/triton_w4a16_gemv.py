@@ -33,18 +33,18 @@ MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core 
 # of the byte loop showed ~14 instructions a weight byte, so that kernel was bound by instruction issue,
 # not memory; words take ~9); "floats" reads bytes with the bit trick of signed_nibbles_fp32; "ints"
 # converts bytes with int-to-float instructions (the slowest, kept for checks).
-# One row, swept on an H200 (bf16, group 128, Llama-3-8B's four layer shapes, docs/benchmarks.md round 7):
-# words, 128 outputs, 2 stages, 16 programs per SM: 61.9 us for the four layers, against 86 us for the
-# floats path's best. KILN_INT4_GEMV_UNPACK=floats picks the byte path for an A/B run (docs/bench.md);
-# KILN_INT4_GEMV_UNPACK=half2 reads words and multiplies on fp16x2 instructions (triton_w4_dequantize.half2_tile_sums:
-# 460 instructions a loop step against 640 for words, in the SASS for sm_90; not yet timed on a GPU).
-GEMV_CONFIG = {
-    "block_n": 128,
-    "num_warps": 4,
-    "num_stages": 2,
-    "programs_per_sm": 16,
-    "unpack": os.environ.get("KILN_INT4_GEMV_UNPACK", "words"),
+# One row, swept on an H200 (bf16, group 128, Llama-3-8B's four layer shapes, docs/benchmarks.md rounds 7 and
+# 13), each unpack with its own best settings: "half2" (the default) reads words and multiplies on fp16x2
+# instructions (triton_w4_dequantize.half2_tile_sums; 460 SASS instructions a loop step against 640 for words):
+# 55.1 us for the four layers; "words": 61.9 us; the floats path's best: 86 us. KILN_INT4_GEMV_UNPACK=words or
+# =floats picks another path for an A/B run (docs/bench.md), with the words settings.
+_ONE_ROW_SETTINGS = {
+    "half2": {"block_n": 256, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
+    "words": {"block_n": 128, "num_warps": 4, "num_stages": 2, "programs_per_sm": 16},
 }
+# The Triton interpreter cannot run half2's inline PTX: there words are the default.
+_UNPACK = os.environ.get("KILN_INT4_GEMV_UNPACK", "words" if os.environ.get("TRITON_INTERPRET") == "1" else "half2")
+GEMV_CONFIG = {**_ONE_ROW_SETTINGS.get(_UNPACK, _ONE_ROW_SETTINGS["words"]), "unpack": _UNPACK}
 # Two to MAX_ROWS_GEMV rows: words keep every unpacked weight of the tile live for the next row (too many
 # registers) and were 3-17% slower than floats at 2 and 4 rows in the same run, so these keep the
 # previous settings (round 5's sweep).

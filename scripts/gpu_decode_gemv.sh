@@ -7,7 +7,7 @@
 # transformers (hf), and process start to first token of engines on disk (start: START_QUANTS, fp8 and int4-awq).
 #   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [attnsweep] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
 # LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge fp8-silu fp8-rows fp8-rope int4-awq
-# int4-awq-bytes int4-awq-half2" picks the latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
+# int4-awq-bytes int4-awq-words" picks the latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=/tmp/kiln-decode-gemv
@@ -49,12 +49,13 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
     dense) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_dense_gemv.py --sweep 2>&1 | tee "$out/dense.txt" \
       | grep -v "OutOfResources" ;;
     latency) for run in ${LATENCY:-bf16 bf16-nopdl bf16-cublas bf16-merge fp8 fp8-nopdl fp8-merge int4-awq}; do
-        q=${run%%-cublas}; q=${q%%-merge}; q=${q%%-scaled-mm}; q=${q%%-nopdl}; q=${q%%-bytes}; q=${q%%-half2}; q=${q%%-silu}; q=${q%%-rows}; q=${q%%-rope}
+        q=${run%%-cublas}; q=${q%%-merge}; q=${q%%-scaled-mm}; q=${q%%-nopdl}; q=${q%%-bytes}; q=${q%%-half2}; q=${q%%-words}; q=${q%%-silu}; q=${q%%-rows}; q=${q%%-rope}
         quant=(); [ "$q" != bf16 ] && quant=(--dummy-quantization "$q")
         ( # the A/B switches (docs/bench.md, "Settings that change the numbers"), for this run only
           case $run in *-cublas) export KILN_DISABLE_DENSE_GEMV=1 ;; *-merge) export KILN_DECODE_MERGE_IN_KERNEL=1 ;;
             *-scaled-mm) export KILN_DISABLE_FP8_GEMV=1 ;; *-nopdl) export KILN_DISABLE_PDL=1 ;;
-            *-bytes) export KILN_INT4_GEMV_UNPACK=floats ;; *-half2) export KILN_INT4_GEMV_UNPACK=half2 ;; *-silu) export KILN_FUSE_SILU_INTO_GEMV=1 ;;
+            *-bytes) export KILN_INT4_GEMV_UNPACK=floats ;; *-half2) export KILN_INT4_GEMV_UNPACK=half2 ;;
+            *-words) export KILN_INT4_GEMV_UNPACK=words ;; *-silu) export KILN_FUSE_SILU_INTO_GEMV=1 ;;
             *-rows) export KILN_GEMV_TILE_BY_ROWS=1 ;; *-rope) export KILN_FUSE_ROTARY_INTO_KV_STORE=1 ;; esac
           bench "latency-$run" latency x "${common[@]}" "${quant[@]}" --batch-size 1 --num-requests 3 \
             --input-len 128 --output-len 256 )
