@@ -16,6 +16,12 @@ which stays true when the int32 count wraps. Data slots alternate with the count
 slot e % 2 again only in call e + 2, which it starts after every peer raised its flag for call e + 1, by
 then done reading call e's slot.
 
+KILN_PEER_REDUCE=lamport (16-bit activations; not yet run on a GPU) drops the flags: the data is its own
+signal. Slots start as -0.0 in every element, which a pushed row never holds (its -0.0 become +0.0); the
+reader polls its slot until no element is -0.0, then writes -0.0 back for the call three later (slots rotate
+over three). That saves the system-scope fence that must drain the pushes before a flag can be raised, and
+the flag's own trip.
+
 A peer that never comes (a dead process) must not leave this kernel spinning: past `timeout_ns` (the group's
 collective timeout, as NCCL's) the kernel traps, which fails the CUDA context with an error. A spinning kernel
 would also hold up the process's exit: NCCL's abort cannot stop it.
@@ -72,6 +78,42 @@ def _wait_for_flags(flag_addresses, previous_epoch, deadline):
 
 
 @triton.jit
+def _trap_after(deadline):
+    """Trap (a CUDA error) once the global timer has passed `deadline` ns."""
+    tl.inline_asm_elementwise(
+        """{
+        .reg .u64 %now;
+        .reg .pred %late;
+        mov.u64 %now, %globaltimer;
+        setp.gt.u64 %late, %now, $1;
+        @%late trap;
+        mov.u32 $0, 0;
+        }""",
+        "=r,l",
+        [deadline],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _unwritten(values, mask):
+    """How many elements of a 16-bit row still hold -0.0 (0x8000: not yet written by the peer)."""
+    return tl.sum(((values.to(tl.int16, bitcast=True) == -32768) & mask).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _wait_for_row(pushed, mask, deadline):
+    """The row at `pushed`, once every element holds a peer's value (volatile loads: never a cached copy)."""
+    values = tl.load(pushed, mask=mask, other=1.0, volatile=True)
+    while _unwritten(values, mask) > 0:
+        _trap_after(deadline)
+        values = tl.load(pushed, mask=mask, other=1.0, volatile=True)
+    return values
+
+
+@triton.jit
 def _data_pointer(data_addresses_ptr, rank, dtype: tl.constexpr):
     """Rank `rank`'s data buffer as a pointer to `dtype`; symmetric buffers are 16-byte aligned (vector stores)."""
     return tl.multiple_of(tl.load(data_addresses_ptr + rank).to(tl.pointer_type(dtype)), 16)
@@ -100,12 +142,33 @@ def _peer_reduce_add_rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
+    LAMPORT: tl.constexpr,
 ):
     deadline = tl.extra.cuda.globaltimer() + timeout_ns
     wait_for_previous_kernel(USE_PDL)  # PDL: nothing read or written before (kernels/pdl.py)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    if LAMPORT:  # data_addresses_ptr: the -0.0-filled buffers, [3, WORLD, max_rows, hidden]; epochs: slots
+        _lamport_row(
+            x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, epochs_ptr, row, cols,
+            mask, hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr, RANK, WORLD, HAS_RESIDUAL,
+        )  # fmt: skip
+    else:
+        _flag_row(
+            x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, flag_addresses_ptr,
+            epochs_ptr, row, cols, mask, hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr,
+            RANK, WORLD, HAS_RESIDUAL,
+        )  # fmt: skip
+
+
+@triton.jit
+def _flag_row(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, flag_addresses_ptr, epochs_ptr,
+    row, cols, mask, hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr, RANK: tl.constexpr,
+    WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """One row of the kernel with flags (the default, see the module doc)."""
     epoch = tl.load(epochs_ptr + row) + 1
     parity = (epoch & 1).to(tl.int64)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
@@ -122,7 +185,7 @@ def _peer_reduce_add_rms_norm_kernel(
     _wait_for_flags(own_flags + peers * max_rows + row, tl.full([WORLD], 0, tl.int32) + (epoch - 1), deadline)
     tl.debug_barrier()
     own_data = _data_pointer(data_addresses_ptr, RANK, x_ptr.dtype.element_ty)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros(cols.shape, dtype=tl.float32)
     for source in tl.static_range(WORLD):  # rank order on every rank: the same sum to the bit everywhere
         if source == RANK:
             total += x.to(tl.float32)
@@ -133,6 +196,37 @@ def _peer_reduce_add_rms_norm_kernel(
     reduced = total.to(x_ptr.dtype.element_ty)  # rounded once, as NCCL's sum of two ranks
     add_rms_norm_row(
         reduced, row.to(tl.int64), cols, mask, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
+        hidden, eps, stride_r, stride_o, stride_nr, HAS_RESIDUAL, True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _lamport_row(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, slots_ptr, row, cols, mask,
+    hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr, RANK: tl.constexpr,
+    WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """One row of the kernel without flags (KILN_PEER_REDUCE=lamport, see the module doc)."""
+    slot = ((tl.load(slots_ptr + row) + 1) % 3).to(tl.int64)
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    pushed_x = tl.where(x == 0.0, 0.0, x).to(x.dtype)  # -0.0 (and +0.0) as +0.0: -0.0 means "not yet"
+    mine = ((slot * WORLD + RANK) * max_rows + row) * hidden
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            tl.store(_data_pointer(data_addresses_ptr, peer, x_ptr.dtype.element_ty) + mine + cols, pushed_x, mask=mask)
+    own_data = _data_pointer(data_addresses_ptr, RANK, x_ptr.dtype.element_ty)
+    total = tl.zeros(cols.shape, dtype=tl.float32)
+    for source in tl.static_range(WORLD):  # rank order on every rank: the same sum to the bit everywhere
+        if source == RANK:
+            total += pushed_x.to(tl.float32)
+        else:
+            pushed = own_data + ((slot * WORLD + source) * max_rows + row) * hidden + cols
+            total += _wait_for_row(pushed, mask, deadline).to(tl.float32)
+            # -0.0 again, for the call three later (as bits: a literal -0.0 is folded to 0.0)
+            tl.store(pushed, tl.full(cols.shape, -32768, tl.int16).to(x.dtype, bitcast=True), mask=mask)
+    tl.store(slots_ptr + row, slot.to(tl.int32))
+    add_rms_norm_row(
+        total.to(x.dtype), row.to(tl.int64), cols, mask, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
         hidden, eps, stride_r, stride_o, stride_nr, HAS_RESIDUAL, True,
     )  # fmt: skip
 
@@ -152,12 +246,14 @@ def peer_reduce_add_rms_norm(
     r2d = residual if residual is not None else x  # not read without a residual
     block = triton.next_power_of_2(hidden)
     pdl = use_pdl(x.device)
+    lamport = peers.lamport_addresses is not None and x.element_size() == 2
+    data, counts = (peers.lamport_addresses, peers.lamport_slots) if lamport else (peers.data_addresses, peers.epochs)
     _peer_reduce_add_rms_norm_kernel[(rows,)](
         x, r2d, weight, out, new_residual,
-        peers.data_addresses, peers.flag_addresses, peers.epochs,
+        data, peers.flag_addresses, counts,
         hidden, peers.max_rows, eps, peers.timeout_ns,
         x.stride(0), r2d.stride(0), hidden, hidden,
         RANK=peers.rank, WORLD=peers.world, HAS_RESIDUAL=residual is not None, BLOCK=block, USE_PDL=pdl,
-        num_warps=min(max(block // 512, 1), 16), launch_pdl=pdl,
+        LAMPORT=lamport, num_warps=min(max(block // 512, 1), 16), launch_pdl=pdl,
     )  # fmt: skip
     return out, new_residual

@@ -6,7 +6,9 @@ kernel. Only for ranks on one machine whose GPUs reach each other's memory (NVLi
 elsewhere, and for more rows than the buffers hold, the layers use NCCL as before.
 
 Opening them is collective: every rank of the group calls `open_peer_buffers` at the same point (when the
-rank joins its group, before the model is built). KILN_DISABLE_PEER_ALL_REDUCE=1 keeps NCCL everywhere (A/B).
+rank joins its group, before the model is built). KILN_DISABLE_PEER_ALL_REDUCE=1 keeps NCCL everywhere (A/B);
+KILN_PEER_REDUCE=lamport also opens the buffers of the kernel's variant without flags (16-bit activations;
+not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class PeerBuffers:
     data_addresses: torch.Tensor  # [world] int64: each rank's data buffer, [2, world, max_rows, ROW_BYTES] bytes
     flag_addresses: torch.Tensor  # [world] int64: each rank's flags, [world, max_rows] int32
     epochs: torch.Tensor  # [max_rows] int32: this rank's calls so far per row
+    lamport_addresses: torch.Tensor | None  # [world] int64: [3, world, max_rows, ROW_BYTES] bytes, -0.0 when unwritten
+    lamport_slots: torch.Tensor | None  # [max_rows] int32: the slot (0, 1, 2) of each row's last call
     timeout_ns: int  # a peer silent this long is gone: the kernel traps (a CUDA error) instead of spinning on
     keep_alive: tuple = ()  # the symmetric tensors, so their memory lives as long as these handles
 
@@ -72,6 +76,9 @@ def open_peer_buffers(group: dist.ProcessGroup, timeout_s: float) -> PeerBuffers
         torch.cuda.synchronize(device)
         data_handle = symm_mem.rendezvous(data, group.group_name)
         flag_handle = symm_mem.rendezvous(flags, group.group_name)
+        lamport = None
+        if os.environ.get("KILN_PEER_REDUCE") == "lamport":
+            lamport = _open_lamport(symm_mem, world, device, group)
     except Exception as exc:  # noqa: BLE001 - no peer access, an old driver: NCCL still works
         logger.warning("tensor-parallel all-reduces stay on NCCL: peer buffers failed (%s)", exc)
         return None
@@ -83,6 +90,18 @@ def open_peer_buffers(group: dist.ProcessGroup, timeout_s: float) -> PeerBuffers
         data_addresses=torch.tensor(data_handle.buffer_ptrs, dtype=torch.int64, device=device),
         flag_addresses=torch.tensor(flag_handle.buffer_ptrs, dtype=torch.int64, device=device),
         epochs=torch.zeros(MAX_ROWS, dtype=torch.int32, device=device),
+        lamport_addresses=None if lamport is None else lamport[0],
+        lamport_slots=None if lamport is None else torch.zeros(MAX_ROWS, dtype=torch.int32, device=device),
         timeout_ns=int(timeout_s * 1e9),
-        keep_alive=(data, flags, data_handle, flag_handle),
+        keep_alive=(data, flags, data_handle, flag_handle, lamport),
     )
+
+
+def _open_lamport(symm_mem, world: int, device: torch.device, group: dist.ProcessGroup):
+    """(addresses, buffer, handle) of the buffers of the kernel's variant without flags, every 16-bit element
+    -0.0 (0x8000: not yet written) before any peer can write into them (the rendezvous waits for every rank)."""
+    buffer = symm_mem.empty(3 * world * MAX_ROWS * ROW_BYTES, dtype=torch.uint8, device=device)
+    buffer.view(torch.int16).fill_(-32768)
+    torch.cuda.synchronize(device)
+    handle = symm_mem.rendezvous(buffer, group.group_name)
+    return torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device), buffer, handle

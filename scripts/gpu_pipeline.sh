@@ -5,7 +5,9 @@
 # dense GEMV off and with PDL off), a TP=2 batch-1 profile, and `kiln bench throughput` of the
 # Llama-3-70B shape at TP=4 and at TP=2 x PP=2 (70b). Results land in $OUT. Steps on 2 GPUs can run
 # beside each other with CUDA_VISIBLE_DEVICES=0,1 and 2,3.
-#   OUT=/tmp/r bash scripts/gpu_pipeline.sh [tests2] [latency] [profile] [tests4] [70b]
+# peer: the fused all-reduce + norm kernel's tests (both protocols) and TP=2 batch-1 latency with it (flags, the
+# default), with KILN_PEER_REDUCE=lamport, and with NCCL (KILN_DISABLE_PEER_ALL_REDUCE=1), against TP=1.
+#   OUT=/tmp/r bash scripts/gpu_pipeline.sh [tests2] [latency] [peer] [profile] [tests4] [70b]
 # TESTS2_ONLY="pipeline or killed" narrows tests2 (pytest -k).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,11 @@ pytest_step() {  # name, then test ids
 for step in ${*:-tests2 latency profile tests4 70b}; do
   case $step in
     tests2) pytest_step tests2 -m gpu "$tests" ${TESTS2_ONLY:+-k "$TESTS2_ONLY"} ;;  # 2-GPU tests (4-GPU ones skip)
+    peer) pytest_step peer tests/kernels/test_peer_reduce.py
+      CUDA_VISIBLE_DEVICES=0 bench latency-bf16-tp1 "${latency[@]}"
+      bench latency-bf16-tp2 "${latency[@]}" --tp-size 2
+      KILN_PEER_REDUCE=lamport bench latency-bf16-tp2-lamport "${latency[@]}" --tp-size 2
+      KILN_DISABLE_PEER_ALL_REDUCE=1 bench latency-bf16-tp2-nccl "${latency[@]}" --tp-size 2 ;;
     tests4) pytest_step tests4 "$tests::test_gpu_pipeline_bf16_greedy_tokens_agree_with_one_gpu[tp2-pp2]" ;;
     latency)
       bench latency-bf16-tp1 "${latency[@]}"

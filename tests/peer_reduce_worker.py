@@ -73,15 +73,20 @@ def _check_graph(rank: int, world: int, peers, device: torch.device) -> None:
             assert torch.equal(new_residual, want_residual), f"rank {rank} replay {replay} call {i}: residual"
 
 
-def run_rank(rank: int, world: int, init_file: str, mode: str) -> None:
-    """mode "check": the eager and graph checks; "alone": rank 0 calls the kernel while its peer never does."""
+def run_rank(rank: int, world: int, init_file: str, mode: str, protocol: str) -> None:
+    """mode "check": the eager and graph checks; "alone": rank 0 calls the kernel while its peer never does.
+    protocol: "flags" (the default kernel) or "lamport" (KILN_PEER_REDUCE=lamport)."""
     from kiln.models.peer_all_reduce import open_peer_buffers
+
+    if protocol == "lamport":
+        os.environ["KILN_PEER_REDUCE"] = "lamport"
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world, device_id=device)
     peers = open_peer_buffers(dist.group.WORLD, timeout_s=60.0)
     assert peers is not None, "peer buffers did not open on GPUs of one machine"
+    assert (peers.lamport_addresses is not None) == (protocol == "lamport")
     if mode == "check":
         _check_eager(rank, world, peers, device)
         _check_graph(rank, world, peers, device)
@@ -108,5 +113,5 @@ def run_rank(rank: int, world: int, init_file: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    world_size, init, how = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    torch.multiprocessing.spawn(run_rank, args=(world_size, init, how), nprocs=world_size, join=True)
+    world_size, init, how, kind = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    torch.multiprocessing.spawn(run_rank, args=(world_size, init, how, kind), nprocs=world_size, join=True)
