@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+from trace_kernels import table, take_apart  # this folder's module (the script's folder is on sys.path)
 
 from kiln.bench.offline import run_throughput
 from kiln.bench.runner import open_engine
@@ -106,8 +110,10 @@ def _profile_decode_window(engine, requests, args) -> None:
     print(f"20 decode steps: {wall_ms / 20:.2f} ms a step, GPU kernels {kernels_ms / 20:.2f} ms a step "
           f"({kernels_ms / wall_ms:.0%} busy)")  # fmt: skip
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
-    if args.trace:
-        prof.export_chrome_trace(args.trace)
+    trace = Path(args.trace) if args.trace else Path(tempfile.mkdtemp()) / "decode-steps.json"
+    prof.export_chrome_trace(str(trace))
+    # With PDL the table above counts each kernel's wait for the one before it; this one does not.
+    print(table(take_apart(json.loads(trace.read_text())["traceEvents"]), steps=20, top=args.top))
     while engine.has_unfinished:
         engine.step()
 
