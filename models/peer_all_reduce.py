@@ -62,11 +62,16 @@ def open_peer_buffers(group: dist.ProcessGroup, timeout_s: float) -> PeerBuffers
     if os.environ.get("KILN_DISABLE_PEER_ALL_REDUCE") == "1" or dist.get_backend(group) != "nccl":
         return None
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    hosts: list[str | None] = [None] * world
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    if len(set(hosts)) > 1:
-        return None  # ranks on several machines: no shared memory between them
     device = torch.device("cuda", torch.cuda.current_device())
+    places: list[tuple[str, int] | None] = [None] * world
+    dist.all_gather_object(places, (socket.gethostname(), device.index), group=group)
+    if len({host for host, _ in places}) > 1:
+        return None  # ranks on several machines: no shared memory between them
+    reachable = all(other == device.index or torch.cuda.can_device_access_peer(device, other) for _, other in places)
+    if not _every_rank(reachable, group):
+        logger.warning("tensor-parallel all-reduces stay on NCCL: these GPUs cannot access each other's memory")
+        return None
+    opened = False
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -79,10 +84,11 @@ def open_peer_buffers(group: dist.ProcessGroup, timeout_s: float) -> PeerBuffers
         lamport = None
         if os.environ.get("KILN_PEER_REDUCE") == "lamport":
             lamport = _open_lamport(symm_mem, world, device, group)
-    except Exception as exc:  # noqa: BLE001 - no peer access, an old driver: NCCL still works
+        opened = True
+    except Exception as exc:  # noqa: BLE001 - an old driver, no symmetric memory: NCCL still works
         logger.warning("tensor-parallel all-reduces stay on NCCL: peer buffers failed (%s)", exc)
+    if not _every_rank(opened, group):  # one rank on the fused kernel and another on NCCL would hang both
         return None
-    dist.barrier(group=group)
     return PeerBuffers(
         rank=rank,
         world=world,
@@ -105,3 +111,10 @@ def _open_lamport(symm_mem, world: int, device: torch.device, group: dist.Proces
     torch.cuda.synchronize(device)
     handle = symm_mem.rendezvous(buffer, group.group_name)
     return torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device), buffer, handle
+
+
+def _every_rank(this_rank: bool, group: dist.ProcessGroup) -> bool:
+    """Whether every rank of the group answered True (collective; also a barrier)."""
+    answers: list[bool | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(answers, this_rank, group=group)
+    return all(answers)
