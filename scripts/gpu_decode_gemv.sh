@@ -6,6 +6,7 @@
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024; both take QUANTS), the ratio to
 # transformers (hf), and process start to first token of engines on disk (start: START_QUANTS, fp8 and int4-awq).
 #   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [attnsweep] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
+# DENSE_ARGS="--per-layer --budget-s 240" (with PERF_TIMEOUT=300) makes the dense step time each layer alone.
 # LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge fp8-silu fp8-rows fp8-rope int4-awq
 # int4-awq-bytes int4-awq-words" picks the latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
 set -uo pipefail
@@ -46,7 +47,7 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
       >"$out/attn-sweep.txt" 2>&1; echo "attnsweep rc=$?"; cat "$out/attn-sweep.txt" ;;
     perf) timeout ${PERF_TIMEOUT:-260} python3 tests/kernels/perf_quantized_gemm.py --sweep ${SWEEP:-} 2>&1 | tee "$out/perf.txt" \
       | grep -v "OutOfResources" ;;
-    dense) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_dense_gemv.py --sweep 2>&1 | tee "$out/dense.txt" \
+    dense) timeout ${PERF_TIMEOUT:-200} python3 tests/kernels/perf_dense_gemv.py --sweep ${DENSE_ARGS:-} 2>&1 | tee "$out/dense.txt" \
       | grep -v "OutOfResources" ;;
     latency) for run in ${LATENCY:-bf16 bf16-nopdl bf16-cublas bf16-merge fp8 fp8-nopdl fp8-merge int4-awq}; do
         q=${run%%-cublas}; q=${q%%-merge}; q=${q%%-scaled-mm}; q=${q%%-nopdl}; q=${q%%-bytes}; q=${q%%-half2}; q=${q%%-words}; q=${q%%-silu}; q=${q%%-rows}; q=${q%%-rope}

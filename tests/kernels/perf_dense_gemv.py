@@ -8,6 +8,7 @@ that it comes from HBM, not from the 60 MB L2, as in a model whose layers evict 
 
     python tests/kernels/perf_dense_gemv.py          # the table
     python tests/kernels/perf_dense_gemv.py --sweep  # launch settings at one row first, then the table
+    python tests/kernels/perf_dense_gemv.py --sweep --per-layer  # each layer's best settings (per-shape gains)
 
 The sweep times each setting on the four layers of each TP size run back to back (218 MB at TP=2, more
 than the L2 holds), prints the five best of each and keeps the best at TP=2: 88 settings (40 compilations),
@@ -17,6 +18,7 @@ about 80 s on an H200 by estimate; `--budget-s` (100) stops the timing early so 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import time
@@ -132,8 +134,34 @@ def _time_totals(op, runs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -
     }
 
 
-def sweep(weights: dict[int, dict[str, list[torch.Tensor]]], gen: torch.Generator, budget_s: float) -> None:
-    """Time every setting of sweep_grid() at one row; keep the best by the TP=2 total in DENSE_GEMV_CONFIG."""
+def _time_layers(
+    op, weights: dict[int, dict[str, list[torch.Tensor]]], runs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
+) -> dict[tuple[int, str], float]:
+    """(TP size, layer) -> microseconds of op on that layer alone (--per-layer): one call on each copy of its
+    weight in turn, so the weights come from HBM as in the model, not from L2 (a TP=2 o_proj is 17 MB)."""
+    times = {}
+    for tp, run in runs.items():
+        for name, (x, _) in zip(SHAPES[tp], run):
+            copies = weights[tp][name]
+            times[tp, name] = bench(lambda x=x, copies=copies: [op(x, w, None) for w in copies], rep=SWEEP_REP_MS)
+            times[tp, name] *= 1e3 / len(copies)
+    return times
+
+
+def _print_per_layer(results: list[tuple[dict, dict]], default: dict[tuple[int, str], float]) -> None:
+    """Each layer's five best settings against the default's time: what per-shape settings could gain."""
+    for key in sorted(default):
+        ranked = sorted(results, key=lambda item: item[0][key])[:5]
+        print(f"TP={key[0]} {key[1]}: default {default[key]:.2f} us; best five:")
+        for times, setting in ranked:
+            print(f"  {times[key]:6.2f} us {setting}")
+
+
+def sweep(
+    weights: dict[int, dict[str, list[torch.Tensor]]], gen: torch.Generator, budget_s: float, per_layer: bool = False
+) -> None:
+    """Time every setting of sweep_grid() at one row; keep the best by the TP=2 total in DENSE_GEMV_CONFIG.
+    per_layer: time each layer alone instead, print each one's best settings, and keep the default."""
     runs = {}
     for tp, layers in weights.items():
         firsts = [copies[0] for copies in layers.values()]
@@ -141,8 +169,13 @@ def sweep(weights: dict[int, dict[str, list[torch.Tensor]]], gen: torch.Generato
     cublas = _time_totals(F.linear, runs)
     config = triton_dense_gemv.DENSE_GEMV_CONFIG
     saved = dict(config)
+    if per_layer:
+        timed = functools.partial(_time_layers, weights=weights)
+    else:
+        timed = _time_totals
+    default = timed(triton_dense_gemv.dense_gemv, runs=runs)
     grid = sweep_grid()
-    results = []  # ({tp: us}, setting)
+    results = []  # ({tp: us} or {(tp, layer): us}, setting)
     start = time.perf_counter()
     for setting in grid:
         if time.perf_counter() - start > budget_s:
@@ -150,13 +183,16 @@ def sweep(weights: dict[int, dict[str, list[torch.Tensor]]], gen: torch.Generato
             break
         config.update(setting)
         try:
-            results.append((_time_totals(triton_dense_gemv.dense_gemv, runs), dict(setting)))
+            results.append((timed(triton_dense_gemv.dense_gemv, runs=runs), dict(setting)))
         except Exception as error:  # a setting that does not compile or fit (OutOfResources) is skipped
             print(f"skipped {setting}: {type(error).__name__}")
     config.clear()
     config.update(saved)
     print(f"sweep: {len(results)} settings in {time.perf_counter() - start:.0f} s")
     if not results:
+        return
+    if per_layer:
+        _print_per_layer(results, default)
         return
     for tp in runs:
         print(f"TP={tp}, four layers at 1 row: cuBLAS {cublas[tp]:.1f} us; best five:")
@@ -171,9 +207,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="tune DENSE_GEMV_CONFIG at one row before the table")
     parser.add_argument("--budget-s", type=float, default=100.0, help="stop the sweep's timing after this long")
+    parser.add_argument("--per-layer", action="store_true", help="with --sweep: each layer's best settings alone")
     args = parser.parse_args()
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     all_weights = make_weights(generator)
     if args.sweep:
-        sweep(all_weights, generator, args.budget_s)
+        sweep(all_weights, generator, args.budget_s, args.per_layer)
     table(all_weights, generator)  # after a sweep, with the best settings it found
