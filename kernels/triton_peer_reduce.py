@@ -126,9 +126,9 @@ def _peer_reduce_add_rms_norm_kernel(
     weight_ptr,
     out_ptr,
     new_residual_ptr,
-    data_addresses_ptr,  # [WORLD] int64: each rank's data buffer, [2, WORLD, max_rows, hidden]
-    flag_addresses_ptr,  # [WORLD] int64: each rank's flags, [WORLD, max_rows] int32
-    epochs_ptr,  # [max_rows] int32, this rank's calls so far per row
+    data_addresses_ptr,  # [WORLD] int64: each rank's data buffer (slots below)
+    flag_addresses_ptr,  # [WORLD] int64: each rank's flags, [WORLD, max_rows] int32 (not read with LAMPORT)
+    epochs_ptr,  # [max_rows] int32: per row, this rank's call count (flags) or its last slot (LAMPORT)
     hidden,
     max_rows,
     eps,
@@ -149,50 +149,33 @@ def _peer_reduce_add_rms_norm_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    if LAMPORT:  # data_addresses_ptr: the -0.0-filled buffers, [3, WORLD, max_rows, hidden]; epochs: slots
-        _lamport_row(
-            x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, epochs_ptr, row, cols,
-            mask, hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr, RANK, WORLD, HAS_RESIDUAL,
-        )  # fmt: skip
-    else:
-        _flag_row(
-            x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, flag_addresses_ptr,
-            epochs_ptr, row, cols, mask, hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr,
-            RANK, WORLD, HAS_RESIDUAL,
-        )  # fmt: skip
-
-
-@triton.jit
-def _flag_row(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, flag_addresses_ptr, epochs_ptr,
-    row, cols, mask, hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr, RANK: tl.constexpr,
-    WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):  # fmt: skip
-    """One row of the kernel with flags (the default, see the module doc)."""
-    epoch = tl.load(epochs_ptr + row) + 1
-    parity = (epoch & 1).to(tl.int64)
+    # LAMPORT: data_addresses_ptr holds the -0.0-filled buffers, [3, WORLD, max_rows, hidden]; epochs_ptr each
+    # row's last slot (0, 1, 2). Otherwise the flagged buffers, [2, WORLD, max_rows, hidden], and call counts.
+    count = tl.load(epochs_ptr + row) + 1
+    slot = ((count % 3) if LAMPORT else (count & 1)).to(tl.int64)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-    slot = ((parity * WORLD + RANK) * max_rows + row) * hidden  # where this rank's row lands on every peer
+    if LAMPORT:
+        x = tl.where(x == 0.0, 0.0, x).to(x.dtype)  # -0.0 (and +0.0) as +0.0: -0.0 means "not yet written"
+    mine = ((slot * WORLD + RANK) * max_rows + row) * hidden  # where this rank's row lands on every peer
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            peer_data = _data_pointer(data_addresses_ptr, peer, x_ptr.dtype.element_ty)
-            tl.store(peer_data + slot + cols, x, mask=mask)
-    tl.debug_barrier()  # every thread's pushes happen before any thread's flag (release is cumulative)
-    peers = tl.arange(0, WORLD)
-    peer_flags = tl.load(flag_addresses_ptr + peers).to(tl.pointer_type(tl.int32))
-    _raise_flags(peer_flags + RANK * max_rows + row, tl.full([WORLD], 0, tl.int32) + epoch)
-    own_flags = tl.load(flag_addresses_ptr + RANK).to(tl.pointer_type(tl.int32))
-    _wait_for_flags(own_flags + peers * max_rows + row, tl.full([WORLD], 0, tl.int32) + (epoch - 1), deadline)
-    tl.debug_barrier()
+            tl.store(_data_pointer(data_addresses_ptr, peer, x_ptr.dtype.element_ty) + mine + cols, x, mask=mask)
+    if not LAMPORT:
+        _exchange_flags(flag_addresses_ptr, count, row, max_rows, deadline, RANK, WORLD)
     own_data = _data_pointer(data_addresses_ptr, RANK, x_ptr.dtype.element_ty)
-    total = tl.zeros(cols.shape, dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
     for source in tl.static_range(WORLD):  # rank order on every rank: the same sum to the bit everywhere
         if source == RANK:
             total += x.to(tl.float32)
         else:
-            pushed = own_data + ((parity * WORLD + source) * max_rows + row) * hidden + cols
-            total += tl.load(pushed, mask=mask, other=0.0).to(tl.float32)  # after the acquire: the peer's write
-    tl.store(epochs_ptr + row, epoch)
+            pushed = own_data + ((slot * WORLD + source) * max_rows + row) * hidden + cols
+            if LAMPORT:
+                total += _wait_for_row(pushed, mask, deadline).to(tl.float32)
+                # -0.0 again, for the call three later (as bits: a literal -0.0 is folded to 0.0)
+                tl.store(pushed, tl.full([BLOCK], -32768, tl.int16).to(x.dtype, bitcast=True), mask=mask)
+            else:
+                total += tl.load(pushed, mask=mask, other=0.0).to(tl.float32)  # after the acquire: the peer's write
+    tl.store(epochs_ptr + row, slot.to(tl.int32) if LAMPORT else count)
     reduced = total.to(x_ptr.dtype.element_ty)  # rounded once, as NCCL's sum of two ranks
     add_rms_norm_row(
         reduced, row.to(tl.int64), cols, mask, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
@@ -201,34 +184,15 @@ def _flag_row(
 
 
 @triton.jit
-def _lamport_row(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, data_addresses_ptr, slots_ptr, row, cols, mask,
-    hidden, max_rows, eps, deadline, stride_x, stride_r, stride_o, stride_nr, RANK: tl.constexpr,
-    WORLD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):  # fmt: skip
-    """One row of the kernel without flags (KILN_PEER_REDUCE=lamport, see the module doc)."""
-    slot = ((tl.load(slots_ptr + row) + 1) % 3).to(tl.int64)
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-    pushed_x = tl.where(x == 0.0, 0.0, x).to(x.dtype)  # -0.0 (and +0.0) as +0.0: -0.0 means "not yet"
-    mine = ((slot * WORLD + RANK) * max_rows + row) * hidden
-    for peer in tl.static_range(WORLD):
-        if peer != RANK:
-            tl.store(_data_pointer(data_addresses_ptr, peer, x_ptr.dtype.element_ty) + mine + cols, pushed_x, mask=mask)
-    own_data = _data_pointer(data_addresses_ptr, RANK, x_ptr.dtype.element_ty)
-    total = tl.zeros(cols.shape, dtype=tl.float32)
-    for source in tl.static_range(WORLD):  # rank order on every rank: the same sum to the bit everywhere
-        if source == RANK:
-            total += pushed_x.to(tl.float32)
-        else:
-            pushed = own_data + ((slot * WORLD + source) * max_rows + row) * hidden + cols
-            total += _wait_for_row(pushed, mask, deadline).to(tl.float32)
-            # -0.0 again, for the call three later (as bits: a literal -0.0 is folded to 0.0)
-            tl.store(pushed, tl.full(cols.shape, -32768, tl.int16).to(x.dtype, bitcast=True), mask=mask)
-    tl.store(slots_ptr + row, slot.to(tl.int32))
-    add_rms_norm_row(
-        total.to(x.dtype), row.to(tl.int64), cols, mask, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
-        hidden, eps, stride_r, stride_o, stride_nr, HAS_RESIDUAL, True,
-    )  # fmt: skip
+def _exchange_flags(flag_addresses_ptr, count, row, max_rows, deadline, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Raise this row's flag (`count`) in every peer's memory after the pushes, then wait for theirs in ours."""
+    tl.debug_barrier()  # every thread's pushes happen before any thread's flag (release is cumulative)
+    peers = tl.arange(0, WORLD)
+    peer_flags = tl.load(flag_addresses_ptr + peers).to(tl.pointer_type(tl.int32))
+    _raise_flags(peer_flags + RANK * max_rows + row, tl.full([WORLD], 0, tl.int32) + count)
+    own_flags = tl.load(flag_addresses_ptr + RANK).to(tl.pointer_type(tl.int32))
+    _wait_for_flags(own_flags + peers * max_rows + row, tl.full([WORLD], 0, tl.int32) + (count - 1), deadline)
+    tl.debug_barrier()
 
 
 def peer_reduce_add_rms_norm(
