@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
-from kiln.kernels.triton_decode_merge import decode_merge_kernel, merge_if_last
+from kiln.kernels.triton_decode_merge import decode_merge_kernel, merge_if_last, split_keys
 from kiln.kernels.triton_split_k import MAX_TILES, num_sms, tile_counters
 
 
@@ -131,9 +131,10 @@ def _decode_split_kernel(
     num_heads = num_kv_heads * group_size
     context_len = tl.load(seq_lens_ptr + seq)
     # The query is at position context_len - 1 and sees keys [lo, context_len); splits share that
-    # range in BLOCK_N-aligned pieces.
-    lo = tl.maximum(context_len - sliding_window, 0)
-    keys_per_split = tl.cdiv(tl.cdiv(context_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    # range in BLOCK_N-aligned pieces, and those past the range have nothing to do (see split_keys).
+    lo, keys_per_split, in_use = split_keys(context_len, sliding_window, num_splits, BLOCK_N)
+    if split >= in_use:
+        return
     start = lo + split * keys_per_split
     end = tl.minimum(start + keys_per_split, context_len)
 
@@ -199,7 +200,7 @@ def _decode_split_kernel(
         if MERGE_IN_KERNEL:
             merge_if_last(
                 part_out_ptr, part_lse_ptr, counter_ptr, out_ptr, seq * num_kv_heads + kv_head,
-                (seq * num_heads + heads) * num_splits, num_splits, head_dim, seq * stride_o_t + heads * stride_o_h,
+                (seq * num_heads + heads) * num_splits, in_use, head_dim, seq * stride_o_t + heads * stride_o_h,
                 g_mask, q_mask, d,
             )  # fmt: skip
 
@@ -241,6 +242,7 @@ def decode_attention(
     # Partial buffers depend only on host ints, so they are safe to allocate under graph capture.
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    block_n = tile.block_n if block_d <= 128 else tile.block_n // 2  # keys a loop step
     merge_in_kernel = num_splits > 1 and _merge_in_kernel() and num_seqs * num_kv_heads <= MAX_TILES
     pdl = use_pdl(q.device)
     heads_fastest = _heads_fastest() if heads_fastest is None else heads_fastest
@@ -270,7 +272,7 @@ def decode_attention(
         block_tables.stride(0),
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_G=max(tile.min_rows, triton.next_power_of_2(group_size)),
-        BLOCK_N=tile.block_n if block_d <= 128 else tile.block_n // 2,
+        BLOCK_N=block_n,
         BLOCK_D=block_d,
         WRITE_OUT=num_splits == 1,
         MERGE_IN_KERNEL=merge_in_kernel,
@@ -285,13 +287,16 @@ def decode_attention(
         decode_merge_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,
+            seq_lens,
             out,
+            NO_WINDOW if sliding_window is None else sliding_window,
             head_dim,
             num_splits,
             out.stride(0),
             out.stride(1),
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
+            BLOCK_N=block_n,
             USE_PDL=pdl,
             launch_pdl=pdl,
         )

@@ -82,23 +82,41 @@ def word_nibbles(words, xor_bits):
     )  # fmt: skip
 
 
-# The half2 recipe (`half2_tile_sums`, KILN_INT4_GEMV_UNPACK=half2): nibbles become fp16 pairs and meet the
+@triton.jit
+def word_activations(x_row, pre_quant_scale_ptr, cols, col_mask, HAS_PRE_QUANT_SCALE: tl.constexpr):
+    """The activations x_j [C] fp32 (times the AWQ pre-quant scale, if any) at K positions 4c + j of each word
+    column c, j = 0..3: the operands of word_nibbles' and half2_tile_sums' products."""
+    x0 = tl.load(x_row + 4 * cols, mask=col_mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_row + 4 * cols + 1, mask=col_mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + 4 * cols + 2, mask=col_mask, other=0.0).to(tl.float32)
+    x3 = tl.load(x_row + 4 * cols + 3, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_PRE_QUANT_SCALE:
+        x0 *= tl.load(pre_quant_scale_ptr + 4 * cols, mask=col_mask, other=0.0).to(tl.float32)
+        x1 *= tl.load(pre_quant_scale_ptr + 4 * cols + 1, mask=col_mask, other=0.0).to(tl.float32)
+        x2 *= tl.load(pre_quant_scale_ptr + 4 * cols + 2, mask=col_mask, other=0.0).to(tl.float32)
+        x3 *= tl.load(pre_quant_scale_ptr + 4 * cols + 3, mask=col_mask, other=0.0).to(tl.float32)
+    return x0, x1, x2, x3
+
+
+# The half2 recipe (`half2_tile_parts`, KILN_INT4_GEMV_UNPACK=half2): nibbles become fp16 pairs and meet the
 # activations in fp16x2 products, two weights an instruction. For each word, LOP3 with LUT 0x6A computes
 # (mask ? word ^ C : C) bit by bit with C = 0x6408 (or 0x6480) in both halves: inside the masked nibbles it flips
 # bit 3 (two's complement s -> s + 8) and elsewhere writes the exponent of fp16 1024, so each 16-bit half is the
-# number 1024 + s + 8 (nibble at bits 0-3) or 1152 + 16 s (bits 4-7); one SUB leaves s or 16 s, exactly. Bits
-# 0-3 and 16-19 of a word are K positions 0 and 2 of the even row, bits 4-7 and 20-23 the odd row's; the word
-# shifted right by 8 gives positions 1 and 3. Activations come as fp16 pairs (x0, x2) and (x1, x3), divided by 16
-# (even) and 256 (odd: its values are 16 s) so that no fp16 product or sum overflows; four words (16 K
-# positions) add up in fp16x2 before the two halves go to fp32.
+# number 1024 + s + 8 (nibble at bits 0-3) or 1152 + 16 s (bits 4-7). One instruction leaves s, exactly: a SUB of
+# 1032 for the low nibble, an FMA by 1/16 less 72 for the high one (so both meet the same activations). Bits 0-3
+# and 16-19 of a word are K positions 0 and 2 of the even row, bits 4-7 and 20-23 the odd row's; the word shifted
+# right by 8 gives positions 1 and 3. Activations come as fp16 pairs (x0, x2) and (x1, x3), divided by 16 so that
+# no fp16 product or sum overflows; four words (16 K positions) add up in fp16x2 before the two halves go to fp32.
 _HALF2_ASM = tl.constexpr(
     """
 {
-.reg .b32 w8, e02, o02, e13, o13, se, so, ce, co;
+.reg .b32 w8, e02, o02, e13, o13, se, so, ce, co, sixteenth, minus72;
 .reg .b16 lo, hi;
 .reg .f32 fa, fb;
 mov.b32 ce, 0x64086408;
 mov.b32 co, 0x64806480;
+mov.b32 sixteenth, 0x2C002C00;
+mov.b32 minus72, 0xD480D480;
 """
     + "".join(
         f"""
@@ -108,13 +126,13 @@ lop3.b32 o02, ${2 + i}, 0x00F000F0, co, 0x6A;
 lop3.b32 e13, w8, 0x000F000F, ce, 0x6A;
 lop3.b32 o13, w8, 0x00F000F0, co, 0x6A;
 sub.f16x2 e02, e02, ce;
-sub.f16x2 o02, o02, co;
+fma.rn.f16x2 o02, o02, sixteenth, minus72;
 sub.f16x2 e13, e13, ce;
-sub.f16x2 o13, o13, co;
-{f"mul.rn.f16x2 se, e02, ${6 + 4 * i}" if i == 0 else f"fma.rn.f16x2 se, e02, ${6 + 4 * i}, se"};
-fma.rn.f16x2 se, e13, ${7 + 4 * i}, se;
-{f"mul.rn.f16x2 so, o02, ${8 + 4 * i}" if i == 0 else f"fma.rn.f16x2 so, o02, ${8 + 4 * i}, so"};
-fma.rn.f16x2 so, o13, ${9 + 4 * i}, so;
+fma.rn.f16x2 o13, o13, sixteenth, minus72;
+{f"mul.rn.f16x2 se, e02, ${6 + 2 * i}" if i == 0 else f"fma.rn.f16x2 se, e02, ${6 + 2 * i}, se"};
+fma.rn.f16x2 se, e13, ${7 + 2 * i}, se;
+{f"mul.rn.f16x2 so, o02, ${6 + 2 * i}" if i == 0 else f"fma.rn.f16x2 so, o02, ${6 + 2 * i}, so"};
+fma.rn.f16x2 so, o13, ${7 + 2 * i}, so;
 """
         for i in range(4)
     )
@@ -151,18 +169,23 @@ def _quarters(t):
 def half2_tile_sums(words, x0, x1, x2, x3):
     """Row sums (even, odd) [HALF_N] of a words tile [HALF_N, C] times one activation row, on fp16x2 (see
     _HALF2_ASM). x_j [C] fp32: the activation at K position 4c + j of each word column c."""
+    even, odd = half2_tile_parts(words, x0, x1, x2, x3)
+    return tl.sum(even, axis=1) * 16.0, tl.sum(odd, axis=1) * 16.0
+
+
+@triton.jit
+def half2_tile_parts(words, x0, x1, x2, x3):
+    """half2_tile_sums before its sums along K and its factor 16: (even, odd) [HALF_N, C / 4] fp32, each the
+    sum over 4 word columns (16 K positions) held by one thread, so a caller may defer the cross-thread sums."""
     w0, w1, w2, w3 = _quarters(words)
-    e02 = _quarters(_fp16_pair(x0 * 0.0625, x2 * 0.0625)[None, :])  # even rows: activations / 16
-    e13 = _quarters(_fp16_pair(x1 * 0.0625, x3 * 0.0625)[None, :])
-    o02 = _quarters(_fp16_pair(x0 * 0.00390625, x2 * 0.00390625)[None, :])  # odd rows (16 s): / 256
-    o13 = _quarters(_fp16_pair(x1 * 0.00390625, x3 * 0.00390625)[None, :])
+    x02 = _quarters(_fp16_pair(x0 * 0.0625, x2 * 0.0625)[None, :])  # activations / 16, both rows
+    x13 = _quarters(_fp16_pair(x1 * 0.0625, x3 * 0.0625)[None, :])
     even, odd = tl.inline_asm_elementwise(
-        _HALF2_ASM, "=r,=r" + ",r" * 20,
-        [w0, w1, w2, w3, e02[0], e13[0], o02[0], o13[0], e02[1], e13[1], o02[1], o13[1], e02[2], e13[2], o02[2],
-         o13[2], e02[3], e13[3], o02[3], o13[3]],
+        _HALF2_ASM, "=r,=r" + ",r" * 12,
+        [w0, w1, w2, w3, x02[0], x13[0], x02[1], x13[1], x02[2], x13[2], x02[3], x13[3]],
         (tl.float32, tl.float32), True, 1,
     )  # fmt: skip
-    return tl.sum(even, axis=1) * 16.0, tl.sum(odd, axis=1) * 16.0
+    return even, odd
 
 
 @triton.jit

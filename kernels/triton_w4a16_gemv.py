@@ -24,8 +24,10 @@ from kiln.kernels.triton_w4_dequantize import (
     half2_tile_sums,
     signed_nibbles,
     signed_nibbles_fp32,
+    word_activations,
     word_nibbles,
 )
+from kiln.kernels.triton_w4a16_one_row import half2_one_row_sums
 
 MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core tile padding to 16 rows)
 # Tile and launch settings of the CUDA-core kernel, module level so a tuning sweep can change them. unpack:
@@ -33,13 +35,14 @@ MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core 
 # of the byte loop showed ~14 instructions a weight byte, so that kernel was bound by instruction issue,
 # not memory; words take ~9); "floats" reads bytes with the bit trick of signed_nibbles_fp32; "ints"
 # converts bytes with int-to-float instructions (the slowest, kept for checks).
-# One row, swept on an H200 (bf16, group 128, Llama-3-8B's four layer shapes, docs/benchmarks.md rounds 7 and
-# 13), each unpack with its own best settings: "half2" (the default) reads words and multiplies on fp16x2
-# instructions (triton_w4_dequantize.half2_tile_sums; 460 SASS instructions a loop step against 640 for words):
-# 55.1 us for the four layers; "words": 61.9 us; the floats path's best: 86 us. KILN_INT4_GEMV_UNPACK=words or
-# =floats picks another path for an A/B run (docs/bench.md), with the words settings.
+# One row, swept on an H200 (bf16, group 128, Llama-3-8B's four layer shapes, docs/benchmarks.md rounds 7, 13
+# and 14), each unpack with its own best settings: "half2" (the default) reads words, multiplies on fp16x2
+# instructions (triton_w4_dequantize.half2_tile_parts) and sums across threads once after its loop
+# (triton_w4a16_one_row): 46.4 us for the four layers (55.1 us with the sums taken every loop step); "words":
+# 61.9 us; the floats path's best: 86 us. KILN_INT4_GEMV_UNPACK=words or =floats picks another path for an A/B
+# run (docs/bench.md), with the words settings.
 _ONE_ROW_SETTINGS = {
-    "half2": {"block_n": 256, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
+    "half2": {"block_n": 128, "num_warps": 2, "num_stages": 2, "programs_per_sm": 8},
     "words": {"block_n": 128, "num_warps": 4, "num_stages": 2, "programs_per_sm": 16},
 }
 # The Triton interpreter cannot run half2's inline PTX: there words are the default.
@@ -85,16 +88,8 @@ def _word_tile_sums(
     sums_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
     sums_odd = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
     for m in tl.static_range(NUM_ROWS):
-        x_row = x_ptr + m * stride_xm + 4 * cols
-        x0 = tl.load(x_row, mask=col_mask, other=0.0).to(tl.float32)
-        x1 = tl.load(x_row + 1, mask=col_mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_row + 2, mask=col_mask, other=0.0).to(tl.float32)
-        x3 = tl.load(x_row + 3, mask=col_mask, other=0.0).to(tl.float32)
-        if HAS_PRE_QUANT_SCALE:
-            x0 *= tl.load(pre_quant_scale_ptr + 4 * cols, mask=col_mask, other=0.0).to(tl.float32)
-            x1 *= tl.load(pre_quant_scale_ptr + 4 * cols + 1, mask=col_mask, other=0.0).to(tl.float32)
-            x2 *= tl.load(pre_quant_scale_ptr + 4 * cols + 2, mask=col_mask, other=0.0).to(tl.float32)
-            x3 *= tl.load(pre_quant_scale_ptr + 4 * cols + 3, mask=col_mask, other=0.0).to(tl.float32)
+        x_row = x_ptr + m * stride_xm
+        x0, x1, x2, x3 = word_activations(x_row, pre_quant_scale_ptr, cols, col_mask, HAS_PRE_QUANT_SCALE)
         if HALF2:
             row_even, row_odd = half2_tile_sums(words, x0, x1, x2, x3)
         else:
@@ -143,6 +138,42 @@ def _byte_tile_sums(
 
 
 @triton.jit
+def _tile_by_tile_sums(
+    x_ptr, w_ptr, scales_ptr, pre_quant_scale_ptr, pairs, pair_mask, even, k_begin, k_end, K, stride_xm, stride_wn,
+    stride_sn, xor_bits, NUM_ROWS: tl.constexpr, ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_PRE_QUANT_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr,
+):  # fmt: skip
+    """Row sums (even, odd) [ROWS, HALF_N] over K range [k_begin, k_end), each K tile's sums taken across threads
+    before the next tile (the path of every unpack at any row count but half2's one row)."""
+    HALF_N: tl.constexpr = pairs.shape[0]
+    acc_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
+    acc_odd = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        if GROUP_SIZE % BLOCK_K == 0:  # one scale per output row in this tile: applied to the row sums
+            group = k0 // GROUP_SIZE
+            s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
+            s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
+        if UNPACK == "words" or UNPACK == "half2":
+            sums_even, sums_odd = _word_tile_sums(
+                x_ptr, w_ptr, pre_quant_scale_ptr, pairs, pair_mask, k0, K, stride_xm, stride_wn, xor_bits,
+                NUM_ROWS, ROWS, HAS_PRE_QUANT_SCALE, BLOCK_K, UNPACK == "half2",
+            )  # fmt: skip
+        else:
+            sums_even, sums_odd = _byte_tile_sums(
+                x_ptr, w_ptr, scales_ptr, pre_quant_scale_ptr, pairs, pair_mask, even, ks, k_mask, K, stride_xm,
+                stride_wn, stride_sn, NUM_ROWS, ROWS, GROUP_SIZE, HAS_PRE_QUANT_SCALE, BLOCK_K, UNPACK == "floats",
+            )  # fmt: skip
+        if GROUP_SIZE % BLOCK_K == 0:
+            sums_even = sums_even * s_even[None, :]
+            sums_odd = sums_odd * s_odd[None, :]
+        acc_even += sums_even
+        acc_odd += sums_odd
+    return acc_even, acc_odd
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -188,30 +219,16 @@ def _w4a16_gemv_kernel(
     rows = tl.arange(0, ROWS)
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    acc_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
-    acc_odd = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        if GROUP_SIZE % BLOCK_K == 0:  # one scale per output row in this tile: applied to the row sums
-            group = k0 // GROUP_SIZE
-            s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
-            s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
-        if UNPACK == "words" or UNPACK == "half2":
-            sums_even, sums_odd = _word_tile_sums(
-                x_ptr, w_ptr, pre_quant_scale_ptr, pairs, pair_mask, k0, K, stride_xm, stride_wn, xor_bits,
-                NUM_ROWS, ROWS, HAS_PRE_QUANT_SCALE, BLOCK_K, UNPACK == "half2",
-            )  # fmt: skip
-        else:
-            sums_even, sums_odd = _byte_tile_sums(
-                x_ptr, w_ptr, scales_ptr, pre_quant_scale_ptr, pairs, pair_mask, even, ks, k_mask, K, stride_xm,
-                stride_wn, stride_sn, NUM_ROWS, ROWS, GROUP_SIZE, HAS_PRE_QUANT_SCALE, BLOCK_K, UNPACK == "floats",
-            )  # fmt: skip
-        if GROUP_SIZE % BLOCK_K == 0:
-            sums_even = sums_even * s_even[None, :]
-            sums_odd = sums_odd * s_odd[None, :]
-        acc_even += sums_even
-        acc_odd += sums_odd
+    if UNPACK == "half2" and NUM_ROWS == 1:  # batch-1 decode: cross-thread sums once, after the loop
+        acc_even, acc_odd = half2_one_row_sums(
+            x_ptr, w_ptr, scales_ptr, pre_quant_scale_ptr, pairs, pair_mask, even, k_begin, k_end, K, stride_wn,
+            stride_sn, GROUP_SIZE, HAS_PRE_QUANT_SCALE, BLOCK_K,
+        )  # fmt: skip
+    else:
+        acc_even, acc_odd = _tile_by_tile_sums(
+            x_ptr, w_ptr, scales_ptr, pre_quant_scale_ptr, pairs, pair_mask, even, k_begin, k_end, K, stride_xm,
+            stride_wn, stride_sn, xor_bits, NUM_ROWS, ROWS, GROUP_SIZE, HAS_PRE_QUANT_SCALE, BLOCK_K, UNPACK,
+        )  # fmt: skip
     part_rows = part_ptr + split * stride_ps + rows[:, None] * stride_pm
     part_mask = (rows < NUM_ROWS)[:, None] & pair_mask[None, :]
     tl.store(part_rows + even[None, :], acc_even, mask=part_mask)

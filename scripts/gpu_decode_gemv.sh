@@ -3,8 +3,9 @@
 # tile sweep (attnsweep), the decode GEMV sweeps and tables (quantized: perf; dense bf16: dense), batch-1
 # latency in bf16 (A/B: the dense GEMV off, the decode merge in the split kernel), FP8 (A/B: KILN_DISABLE_FP8_GEMV=1) and INT4-AWQ, a profile of the FP8
 # batch-1 step, 128/128 throughput at two engine batch sizes (batch) or with 8,192 requests (short), and
-# 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024; both take QUANTS), the ratio to
-# transformers (hf), and process start to first token of engines on disk (start: START_QUANTS, fp8 and int4-awq).
+# 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024; both take QUANTS: bf16 fp8
+# int4-awq), the ratio to transformers (hf), and process start to first token of engines on disk (start:
+# START_QUANTS, fp8 and int4-awq).
 #   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [attnsweep] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
 # DENSE_ARGS="--per-layer --budget-s 240" (with PERF_TIMEOUT=300) makes the dense step time each layer alone.
 # LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge fp8-silu fp8-rows fp8-rope int4-awq
@@ -64,11 +65,11 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
     profile) timeout 120 python3 scripts/profile_engine.py --quantization fp8 --num-requests 1 --output-len 256 \
       --top 12 >"$out/profile-fp8-b1.txt" 2>&1; echo "profile rc=$?"; sed -n "/decode steps:/,\$p" "$out/profile-fp8-b1.txt" | cut -c1-160 | head -30 ;;
     short) for q in ${QUANTS:-bf16 fp8}; do
-        quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
+        quant=(); [ $q != bf16 ] && quant=(--dummy-quantization $q)
         BENCH_TIMEOUT=150 bench "tp128-$q-8192" throughput x "${common[@]}" "${quant[@]}" --max-batch-size 1024 --num-requests 8192 \
           --input-len 128 --output-len 128; done ;;
     long) for q in ${QUANTS:-bf16 fp8}; do  # the engine's default batch: at 1,024 the KV cache holds < half at full length
-        quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
+        quant=(); [ $q != bf16 ] && quant=(--dummy-quantization $q)
         BENCH_TIMEOUT=${LONG_TIMEOUT:-300} bench "tp1000-$q-2048" throughput x "${common[@]}" "${quant[@]}" --num-requests 2048 \
           --input-len 1000 --output-len 1000; done ;;
     hf) BENCH_TIMEOUT=200 bench tp128-vs-hf throughput x "${common[@]}" --backend hf --hf-batch-size 256 \
@@ -79,7 +80,7 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
         ${START_EXPLAIN:+--explain} >"$out/start.txt" 2>&1  # START_EXPLAIN=1: kernel loads, warm-up, KILN_WARM_UP=0
       echo "start rc=$? $((SECONDS - t0)) s"; grep -E "built in|median|kernel|KILN_WARM_UP" "$out/start.txt" ;;
     batch) for q in bf16 fp8; do for size in 256 1024; do
-        quant=(); [ $q = fp8 ] && quant=(--dummy-quantization fp8)
+        quant=(); [ $q != bf16 ] && quant=(--dummy-quantization $q)
         bench "tp128-$q-b$size" throughput x "${common[@]}" "${quant[@]}" --max-batch-size $size \
           --num-requests ${SHORT_N:-2048} --input-len 128 --output-len 128; done; done ;;
   esac

@@ -4,7 +4,8 @@ Decode: 64 sequences x 2048 context, Llama-3-8B heads (32 q / 8 kv, head_dim 128
 against the PyTorch reference and torch SDPA on contiguous K/V (a bandwidth yardstick); then 256 x 1024
 with an FP8 cache and with a bf16 one. `--sweep [fp8] [--seqs N] [--context L]`: the decode kernel's tile
 settings (SWEEP_TILES: keys, warps, stages, fewest query rows) at N sequences x L keys (256 x 1024 by
-default; 1024 x 160 is a 128/128 step's shape), for each cache type (or the FP8 cache only).
+default; 1024 x 160 is a 128/128 step's shape), for each cache type (or the FP8 cache only). `--batch1-splits`:
+one sequence's decode by split count (1 to 32) at contexts of 256 to 4,096 keys.
 Prefill: 4 prompts x 2048 tokens against causal SDPA on contiguous tensors.
 """
 
@@ -137,6 +138,19 @@ def prefill_table(num_seqs: int = 4, prompt_len: int = 2048) -> None:
     row("torch SDPA causal, contiguous, 32 kv heads", bench(sdpa), flops=flops)
 
 
+def batch1_splits_table() -> None:
+    """Batch-1 decode by split count: µs a call, replayed 10 times from a CUDA graph (a decode graph fixes its
+    split count for the longest context; shorter contexts leave most splits empty)."""
+    for context_len in (256, 384, 1024, 4096):
+        case = make_case([1], [context_len], HEADS, torch.bfloat16, 16, seed=0)
+        times = []
+        for splits in (1, 2, 4, 8, 16, 32):
+            call = decode_call(case, splits)
+            ms = triton.testing.do_bench_cudagraph(lambda: [call() for _ in range(10)], rep=100)  # noqa: B023
+            times.append(f"S={splits} {ms * 100:.2f} us")
+        print(f"batch 1, context {context_len}: " + "  ".join(times), flush=True)
+
+
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     if "--sweep" in sys.argv:  # `--sweep fp8`: the FP8 cache only
@@ -146,6 +160,9 @@ if __name__ == "__main__":
             shape.get("--seqs", 256),
             shape.get("--context", 1024),
         )
+        sys.exit()
+    if "--batch1-splits" in sys.argv:
+        batch1_splits_table()
         sys.exit()
     decode_table()
     decode_table(256, 1024, torch.float8_e4m3fn)  # a 1000/1000 step's shape, FP8 cache
