@@ -107,10 +107,15 @@ def word_activations(x_row, pre_quant_scale_ptr, cols, col_mask, HAS_PRE_QUANT_S
 # and 16-19 of a word are K positions 0 and 2 of the even row, bits 4-7 and 20-23 the odd row's; the word shifted
 # right by 8 gives positions 1 and 3. Activations come as fp16 pairs (x0, x2) and (x1, x3), divided by 16 so that
 # no fp16 product or sum overflows; four words (16 K positions) add up in fp16x2 before the two halves go to fp32.
-_HALF2_ASM = tl.constexpr(
-    """
-{
-.reg .b32 w8, e02, o02, e13, o13, se, so, ce, co, sixteenth, minus72;
+def _half2_asm(rows: int) -> str:
+    """The half2 recipe's PTX for `rows` activation rows: each word's nibbles are unpacked once for all rows.
+    Operands: outputs $0 .. $(2 rows - 1) (row r: even sum $(2r), odd $(2r + 1)); then the four words; then
+    for each row r and word i, the activation pairs (x0, x2) and (x1, x3) of that word."""
+    first_x = 2 * rows + 4
+    sums = ", ".join(f"se{r}, so{r}" for r in range(rows))
+    text = f"""
+{{
+.reg .b32 w8, e02, o02, e13, o13, {sums}, ce, co, sixteenth, minus72;
 .reg .b16 lo, hi;
 .reg .f32 fa, fb;
 mov.b32 ce, 0x64086408;
@@ -118,36 +123,38 @@ mov.b32 co, 0x64806480;
 mov.b32 sixteenth, 0x2C002C00;
 mov.b32 minus72, 0xD480D480;
 """
-    + "".join(
-        f"""
-shr.u32 w8, ${2 + i}, 8;
-lop3.b32 e02, ${2 + i}, 0x000F000F, ce, 0x6A;
-lop3.b32 o02, ${2 + i}, 0x00F000F0, co, 0x6A;
+    for i in range(4):
+        word = f"${2 * rows + i}"
+        text += f"""
+shr.u32 w8, {word}, 8;
+lop3.b32 e02, {word}, 0x000F000F, ce, 0x6A;
+lop3.b32 o02, {word}, 0x00F000F0, co, 0x6A;
 lop3.b32 e13, w8, 0x000F000F, ce, 0x6A;
 lop3.b32 o13, w8, 0x00F000F0, co, 0x6A;
 sub.f16x2 e02, e02, ce;
 fma.rn.f16x2 o02, o02, sixteenth, minus72;
 sub.f16x2 e13, e13, ce;
 fma.rn.f16x2 o13, o13, sixteenth, minus72;
-{f"mul.rn.f16x2 se, e02, ${6 + 2 * i}" if i == 0 else f"fma.rn.f16x2 se, e02, ${6 + 2 * i}, se"};
-fma.rn.f16x2 se, e13, ${7 + 2 * i}, se;
-{f"mul.rn.f16x2 so, o02, ${6 + 2 * i}" if i == 0 else f"fma.rn.f16x2 so, o02, ${6 + 2 * i}, so"};
-fma.rn.f16x2 so, o13, ${7 + 2 * i}, so;
 """
-        for i in range(4)
-    )
-    + """
-mov.b32 {lo, hi}, se;
+        for r in range(rows):
+            x02, x13 = f"${first_x + 8 * r + 2 * i}", f"${first_x + 8 * r + 2 * i + 1}"
+            for sum_, w02, w13 in ((f"se{r}", "e02", "e13"), (f"so{r}", "o02", "o13")):
+                first = f"mul.rn.f16x2 {sum_}, {w02}, {x02};\n"  # the sum starts with the first word
+                text += first if i == 0 else f"fma.rn.f16x2 {sum_}, {w02}, {x02}, {sum_};\n"
+                text += f"fma.rn.f16x2 {sum_}, {w13}, {x13}, {sum_};\n"
+    for r in range(rows):
+        for j, sum_ in enumerate((f"se{r}", f"so{r}")):
+            text += f"""mov.b32 {{lo, hi}}, {sum_};
 cvt.f32.f16 fa, lo;
 cvt.f32.f16 fb, hi;
-add.f32 $0, fa, fb;
-mov.b32 {lo, hi}, so;
-cvt.f32.f16 fa, lo;
-cvt.f32.f16 fb, hi;
-add.f32 $1, fa, fb;
-}
+add.f32 ${2 * r + j}, fa, fb;
 """
-)
+    return text + "}\n"
+
+
+_HALF2_ASM = tl.constexpr(_half2_asm(1))
+_HALF2_ASM_2_ROWS = tl.constexpr(_half2_asm(2))
+_HALF2_ASM_4_ROWS = tl.constexpr(_half2_asm(4))
 
 
 @triton.jit
@@ -174,18 +181,40 @@ def half2_tile_sums(words, x0, x1, x2, x3):
 
 
 @triton.jit
+def half2_pairs(x0, x1, x2, x3):
+    """One row's activations x_j [C] (fp32) as the half2 recipe's operands: for each of a thread's four word
+    columns, the fp16 pairs (x0, x2) and (x1, x3) divided by 16 (a tuple of 8 tensors [1, C / 4])."""
+    x02 = _quarters(_fp16_pair(x0 * 0.0625, x2 * 0.0625)[None, :])
+    x13 = _quarters(_fp16_pair(x1 * 0.0625, x3 * 0.0625)[None, :])
+    return x02[0], x13[0], x02[1], x13[1], x02[2], x13[2], x02[3], x13[3]
+
+
+@triton.jit
 def half2_tile_parts(words, x0, x1, x2, x3):
     """half2_tile_sums before its sums along K and its factor 16: (even, odd) [HALF_N, C / 4] fp32, each the
     sum over 4 word columns (16 K positions) held by one thread, so a caller may defer the cross-thread sums."""
+    return half2_rows_parts(words, half2_pairs(x0, x1, x2, x3), None, None, None, 1)
+
+
+@triton.jit
+def half2_rows_parts(words, a, b, c, d, ROWS: tl.constexpr):
+    """half2_tile_parts for ROWS (1, 2 or 4) activation rows at once, each word unpacked once for all of them:
+    a, b, c, d are the rows' half2_pairs (None past ROWS). Returns (even, odd) of row 0, then of row 1, ..."""
     w0, w1, w2, w3 = _quarters(words)
-    x02 = _quarters(_fp16_pair(x0 * 0.0625, x2 * 0.0625)[None, :])  # activations / 16, both rows
-    x13 = _quarters(_fp16_pair(x1 * 0.0625, x3 * 0.0625)[None, :])
-    even, odd = tl.inline_asm_elementwise(
-        _HALF2_ASM, "=r,=r" + ",r" * 12,
-        [w0, w1, w2, w3, x02[0], x13[0], x02[1], x13[1], x02[2], x13[2], x02[3], x13[3]],
-        (tl.float32, tl.float32), True, 1,
-    )  # fmt: skip
-    return even, odd
+    if ROWS == 1:
+        parts = tl.inline_asm_elementwise(
+            _HALF2_ASM, "=r,=r" + ",r" * 12, (w0, w1, w2, w3) + a, (tl.float32,) * 2, True, 1
+        )
+    elif ROWS == 2:
+        parts = tl.inline_asm_elementwise(
+            _HALF2_ASM_2_ROWS, "=r," * 3 + "=r" + ",r" * 20, (w0, w1, w2, w3) + a + b, (tl.float32,) * 4, True, 1
+        )
+    else:
+        parts = tl.inline_asm_elementwise(
+            _HALF2_ASM_4_ROWS, "=r," * 7 + "=r" + ",r" * 36, (w0, w1, w2, w3) + a + b + c + d, (tl.float32,) * 8,
+            True, 1,
+        )  # fmt: skip
+    return parts
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from kiln.kernels.triton_w4_dequantize import (
     word_activations,
     word_nibbles,
 )
-from kiln.kernels.triton_w4a16_one_row import half2_one_row_sums
+from kiln.kernels.triton_w4a16_half2_rows import half2_rows_sums, put_row
 
 MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core tile padding to 16 rows)
 # Tile and launch settings of the CUDA-core kernel, module level so a tuning sweep can change them. unpack:
@@ -49,20 +49,24 @@ _ONE_ROW_SETTINGS = {
 _UNPACK = os.environ.get("KILN_INT4_GEMV_UNPACK", "words" if os.environ.get("TRITON_INTERPRET") == "1" else "half2")
 GEMV_CONFIG = {**_ONE_ROW_SETTINGS.get(_UNPACK, _ONE_ROW_SETTINGS["words"]), "unpack": _UNPACK}
 # Two to MAX_ROWS_GEMV rows: words keep every unpacked weight of the tile live for the next row (too many
-# registers) and were 3-17% slower than floats at 2 and 4 rows in the same run, so these keep the
-# previous settings (round 5's sweep).
-FEW_ROWS_GEMV_CONFIG = {"block_n": 256, "num_warps": 4, "num_stages": 1, "programs_per_sm": 16, "unpack": "floats"}
+# registers) and were 3-17% slower than floats at 2 and 4 rows in the same run, so floats keep the previous
+# settings (round 5's sweep). KILN_INT4_GEMV_FEW_ROWS=half2 takes the half2 loop (triton_w4a16_half2_rows:
+# each word unpacked once for all rows; in its SASS for sm_90 a loop step of 2 and 4 rows has 1.4x and 2.3x
+# the instructions of one row). Not yet run on a GPU, so not the default; its settings are a first guess.
+_FEW_ROWS_SETTINGS = {
+    "floats": {"block_n": 256, "num_warps": 4, "num_stages": 1, "programs_per_sm": 16},
+    "half2": {"block_n": 128, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
+}
+_FEW_ROWS_UNPACK = os.environ.get("KILN_INT4_GEMV_FEW_ROWS", "floats")
+FEW_ROWS_GEMV_CONFIG = {
+    **_FEW_ROWS_SETTINGS.get(_FEW_ROWS_UNPACK, _FEW_ROWS_SETTINGS["floats"]),
+    "unpack": _FEW_ROWS_UNPACK,
+}
 
 
 def gemv_config(num_rows: int) -> dict:
     """The launch settings for `num_rows` activation rows."""
     return GEMV_CONFIG if num_rows == 1 else FEW_ROWS_GEMV_CONFIG
-
-
-@triton.jit
-def _put_row(sums, row_sums, rows, m: tl.constexpr):
-    """sums [ROWS, HALF_N] with row m replaced by row_sums [HALF_N] (a tensor has no per-row assignment)."""
-    return tl.where((rows == m)[:, None], row_sums[None, :], sums)
 
 
 @triton.jit
@@ -98,8 +102,8 @@ def _word_tile_sums(
             odd = high0 * (x0 * 0.0625)[None, :] + high1 * (x1 * 0.000244140625)[None, :]
             odd += high2 * (x2 * 0.00390625)[None, :] + high3 * (x3 * 1.52587890625e-05)[None, :]
             row_even, row_odd = tl.sum(even, axis=1), tl.sum(odd, axis=1)
-        sums_even = _put_row(sums_even, row_even, rows, m)
-        sums_odd = _put_row(sums_odd, row_odd, rows, m)
+        sums_even = put_row(sums_even, row_even, rows, m)
+        sums_odd = put_row(sums_odd, row_odd, rows, m)
     return sums_even, sums_odd
 
 
@@ -132,8 +136,8 @@ def _byte_tile_sums(
         x = tl.load(x_ptr + m * stride_xm + ks, mask=k_mask, other=0.0).to(tl.float32)
         if HAS_PRE_QUANT_SCALE:
             x = x * pre_quant_scale
-        sums_even = _put_row(sums_even, tl.sum(low * x[None, :], axis=1), rows, m)
-        sums_odd = _put_row(sums_odd, tl.sum(high * x[None, :], axis=1), rows, m)
+        sums_even = put_row(sums_even, tl.sum(low * x[None, :], axis=1), rows, m)
+        sums_odd = put_row(sums_odd, tl.sum(high * x[None, :], axis=1), rows, m)
     return sums_even, sums_odd
 
 
@@ -219,10 +223,10 @@ def _w4a16_gemv_kernel(
     rows = tl.arange(0, ROWS)
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    if UNPACK == "half2" and NUM_ROWS == 1:  # batch-1 decode: cross-thread sums once, after the loop
-        acc_even, acc_odd = half2_one_row_sums(
-            x_ptr, w_ptr, scales_ptr, pre_quant_scale_ptr, pairs, pair_mask, even, k_begin, k_end, K, stride_wn,
-            stride_sn, GROUP_SIZE, HAS_PRE_QUANT_SCALE, BLOCK_K,
+    if UNPACK == "half2":  # cross-thread sums once, after the loop
+        acc_even, acc_odd = half2_rows_sums(
+            x_ptr, w_ptr, scales_ptr, pre_quant_scale_ptr, pairs, pair_mask, even, k_begin, k_end, K, stride_xm,
+            stride_wn, stride_sn, NUM_ROWS, ROWS, GROUP_SIZE, HAS_PRE_QUANT_SCALE, BLOCK_K,
         )  # fmt: skip
     else:
         acc_even, acc_odd = _tile_by_tile_sums(

@@ -6,7 +6,8 @@
 # 1000/1000 with 2,048 requests (long; the default 256 sequences, short runs 1,024; both take QUANTS: bf16 fp8
 # int4-awq), the ratio to transformers (hf), and process start to first token of engines on disk (start:
 # START_QUANTS, fp8 and int4-awq).
-#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [attnsweep] [perf] [dense] [latency] [profile] [batch] [short] [long] [hf] [start]
+#   OUT=/tmp/r bash scripts/gpu_decode_gemv.sh [tests] [gputests] [prefill] [attn] [attnsweep] [perf] [dense] [latency] [rows] [profile] [batch] [short] [long] [hf] [start]
+# rows: int4-awq latency at batch 2 and 4 with the floats and the half2 loops of the 2-4 row GEMV.
 # DENSE_ARGS="--per-layer --budget-s 240" (with PERF_TIMEOUT=300) makes the dense step time each layer alone.
 # LATENCY="bf16 bf16-cublas bf16-merge bf16-nopdl fp8 fp8-scaled-mm fp8-merge fp8-silu fp8-rows fp8-rope int4-awq
 # int4-awq-bytes int4-awq-words" picks the latency runs (suffixes: the A/B switch turned on for that run, docs/bench.md).
@@ -62,6 +63,10 @@ $(grep -cE '(^| )(FAILED|ERROR)( |$)' "$out/pytest.log") failed"
           bench "latency-$run" latency x "${common[@]}" "${quant[@]}" --batch-size 1 --num-requests 3 \
             --input-len 128 --output-len 256 )
       done ;;
+    rows) for size in 2 4; do for few in floats half2; do  # int4 decode at 2 and 4 sequences: the 2-4 row GEMV loops
+        KILN_INT4_GEMV_FEW_ROWS=$few bench "latency-int4-awq-b$size-$few" latency x "${common[@]}" \
+          --dummy-quantization int4-awq --batch-size $size --num-requests $((3 * size)) --input-len 128 --output-len 256
+      done; done ;;
     profile) timeout 120 python3 scripts/profile_engine.py --quantization fp8 --num-requests 1 --output-len 256 \
       --top 12 >"$out/profile-fp8-b1.txt" 2>&1; echo "profile rc=$?"; sed -n "/decode steps:/,\$p" "$out/profile-fp8-b1.txt" | cut -c1-160 | head -30 ;;
     short) for q in ${QUANTS:-bf16 fp8}; do

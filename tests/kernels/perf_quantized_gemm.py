@@ -7,7 +7,9 @@ does not hide the kernels' own speed. Columns marked "before" run the previous s
 `_scaled_mm` after its own quantization kernel (fp8), integer-to-float nibble conversions (int4).
 
     python tests/kernels/perf_quantized_gemm.py          # the table
-    python tests/kernels/perf_quantized_gemm.py --sweep [fp8] [int4]  # launch settings of the decode GEMVs at batch 1
+    python tests/kernels/perf_quantized_gemm.py --sweep [fp8] [int4] [int4rows]  # the decode GEMVs' launch settings
+
+`int4rows` sweeps the INT4 GEMV at 2 and 4 rows (both counts' times added), the floats and half2 loops.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def sweep(kinds: list[str]) -> None:
     layers = []
     for n, k in SHAPES.values():
         _, packed, scales, w8 = _weights(n, k, gen)
-        layers.append((torch.randn(1, k, generator=gen, device="cuda", dtype=torch.bfloat16), packed, scales, w8))
+        x = torch.randn(4, k, generator=gen, device="cuda", dtype=torch.bfloat16)
+        layers.append((x[:1], packed, scales, w8, x))
     if "fp8" in kinds:
         fp8_grid = {
             "block_n": [32, 64, 128],
@@ -110,7 +113,7 @@ def sweep(kinds: list[str]) -> None:
             "fp8 M=1",
             triton_fp8_gemv.FP8_GEMV_CONFIG,
             fp8_grid,
-            lambda: [_fp8_call(x, w8, input_scale) for x, *_, w8 in layers],
+            lambda: [_fp8_call(x, w8, input_scale) for x, _, _, w8, _ in layers],
         )
     if "int4" in kinds:
         int4_grid = {  # num_stages left out: the one-row loops compile to the same SASS at 1 and 2 stages
@@ -123,7 +126,20 @@ def sweep(kinds: list[str]) -> None:
             "int4 M=1",
             triton_w4a16_gemv.GEMV_CONFIG,
             int4_grid,
-            lambda: [_int4_call(x, packed, scales) for x, packed, scales, _ in layers],
+            lambda: [_int4_call(x, packed, scales) for x, packed, scales, _, _ in layers],
+        )
+    if "int4rows" in kinds:
+        rows_grid = {
+            "block_n": [128, 256],
+            "num_warps": [4, 8],
+            "programs_per_sm": [4, 8, 16],
+            "unpack": ["floats", "half2"],
+        }
+        _sweep(
+            "int4 M=2 + M=4",
+            triton_w4a16_gemv.FEW_ROWS_GEMV_CONFIG,
+            rows_grid,
+            lambda: [_int4_call(x[:m], packed, scales) for _, packed, scales, _, x in layers for m in (2, 4)],
         )
 
 
@@ -138,8 +154,10 @@ def _int4_call(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", nargs="*", choices=["fp8", "int4"], help="launch settings to sweep (default: both)")
+    parser.add_argument(
+        "--sweep", nargs="*", choices=["fp8", "int4", "int4rows"], help="launch settings to sweep (default: all)"
+    )
     args = parser.parse_args()
     if args.sweep is not None:
-        sweep(args.sweep or ["fp8", "int4"])
+        sweep(args.sweep or ["fp8", "int4", "int4rows"])
     table()  # after a sweep, with the best settings it found
