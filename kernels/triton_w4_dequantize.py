@@ -85,7 +85,7 @@ def word_nibbles(words, xor_bits):
 @triton.jit
 def word_activations(x_row, pre_quant_scale_ptr, cols, col_mask, HAS_PRE_QUANT_SCALE: tl.constexpr):
     """The activations x_j [C] fp32 (times the AWQ pre-quant scale, if any) at K positions 4c + j of each word
-    column c, j = 0..3: the operands of word_nibbles' and half2_tile_sums' products."""
+    column c, j = 0..3: the operands of word_nibbles' and half2_pairs' products."""
     x0 = tl.load(x_row + 4 * cols, mask=col_mask, other=0.0).to(tl.float32)
     x1 = tl.load(x_row + 4 * cols + 1, mask=col_mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + 4 * cols + 2, mask=col_mask, other=0.0).to(tl.float32)
@@ -98,7 +98,7 @@ def word_activations(x_row, pre_quant_scale_ptr, cols, col_mask, HAS_PRE_QUANT_S
     return x0, x1, x2, x3
 
 
-# The half2 recipe (`half2_tile_parts`, KILN_INT4_GEMV_UNPACK=half2): nibbles become fp16 pairs and meet the
+# The half2 recipe (`half2_rows_parts`, KILN_INT4_GEMV_UNPACK=half2): nibbles become fp16 pairs and meet the
 # activations in fp16x2 products, two weights an instruction. For each word, LOP3 with LUT 0x6A computes
 # (mask ? word ^ C : C) bit by bit with C = 0x6408 (or 0x6480) in both halves: inside the masked nibbles it flips
 # bit 3 (two's complement s -> s + 8) and elsewhere writes the exponent of fp16 1024, so each 16-bit half is the
@@ -173,14 +173,6 @@ def _quarters(t):
 
 
 @triton.jit
-def half2_tile_sums(words, x0, x1, x2, x3):
-    """Row sums (even, odd) [HALF_N] of a words tile [HALF_N, C] times one activation row, on fp16x2 (see
-    _HALF2_ASM). x_j [C] fp32: the activation at K position 4c + j of each word column c."""
-    even, odd = half2_tile_parts(words, x0, x1, x2, x3)
-    return tl.sum(even, axis=1) * 16.0, tl.sum(odd, axis=1) * 16.0
-
-
-@triton.jit
 def half2_pairs(x0, x1, x2, x3):
     """One row's activations x_j [C] (fp32) as the half2 recipe's operands: for each of a thread's four word
     columns, the fp16 pairs (x0, x2) and (x1, x3) divided by 16 (a tuple of 8 tensors [1, C / 4])."""
@@ -190,16 +182,11 @@ def half2_pairs(x0, x1, x2, x3):
 
 
 @triton.jit
-def half2_tile_parts(words, x0, x1, x2, x3):
-    """half2_tile_sums before its sums along K and its factor 16: (even, odd) [HALF_N, C / 4] fp32, each the
-    sum over 4 word columns (16 K positions) held by one thread, so a caller may defer the cross-thread sums."""
-    return half2_rows_parts(words, half2_pairs(x0, x1, x2, x3), None, None, None, 1)
-
-
-@triton.jit
 def half2_rows_parts(words, a, b, c, d, ROWS: tl.constexpr):
-    """half2_tile_parts for ROWS (1, 2 or 4) activation rows at once, each word unpacked once for all of them:
-    a, b, c, d are the rows' half2_pairs (None past ROWS). Returns (even, odd) of row 0, then of row 1, ..."""
+    """A words tile [HALF_N, C] times ROWS (1, 2 or 4) activation rows on fp16x2, each word unpacked once for all
+    rows; a, b, c, d are the rows' half2_pairs (None past ROWS). Returns (even, odd) of row 0, then of row 1, ...:
+    [HALF_N, C / 4] fp32, each the sum over the 4 word columns (16 K positions) one thread holds, divided by 16,
+    so the caller takes the sums across threads (and the factor 16) when it chooses."""
     w0, w1, w2, w3 = _quarters(words)
     if ROWS == 1:
         parts = tl.inline_asm_elementwise(

@@ -21,7 +21,6 @@ from kiln.kernels.pdl import use_pdl, wait_for_previous_kernel
 from kiln.kernels.triton_split_k import reduce_split_k, split_k_launch, tile_counters
 from kiln.kernels.triton_w4_dequantize import (
     NIBBLE_XOR_BITS,
-    half2_tile_sums,
     signed_nibbles,
     signed_nibbles_fp32,
     word_activations,
@@ -37,8 +36,8 @@ MAX_ROWS_GEMV = 4  # up to this many rows, the CUDA-core kernel (no tensor-core 
 # converts bytes with int-to-float instructions (the slowest, kept for checks).
 # One row, swept on an H200 (bf16, group 128, Llama-3-8B's four layer shapes, docs/benchmarks.md rounds 7, 13
 # and 14), each unpack with its own best settings: "half2" (the default) reads words, multiplies on fp16x2
-# instructions (triton_w4_dequantize.half2_tile_parts) and sums across threads once after its loop
-# (triton_w4a16_one_row): 46.4 us for the four layers (55.1 us with the sums taken every loop step); "words":
+# instructions (triton_w4_dequantize.half2_rows_parts) and sums across threads once after its loop
+# (triton_w4a16_half2_rows): 46.4 us for the four layers (55.1 us with the sums taken every loop step); "words":
 # 61.9 us; the floats path's best: 86 us. KILN_INT4_GEMV_UNPACK=words or =floats picks another path for an A/B
 # run (docs/bench.md), with the words settings.
 _ONE_ROW_SETTINGS = {
@@ -73,10 +72,9 @@ def gemv_config(num_rows: int) -> dict:
 def _word_tile_sums(
     x_ptr, w_ptr, pre_quant_scale_ptr, pairs, pair_mask, k0, K, stride_xm, stride_wn, xor_bits,
     NUM_ROWS: tl.constexpr, ROWS: tl.constexpr, HAS_PRE_QUANT_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
-    HALF2: tl.constexpr,
 ):  # fmt: skip
-    """Row sums [ROWS, HALF_N] (even, odd outputs) of one K tile read as int32 words (w_ptr: words [N / 2, K / 4]);
-    HALF2: on fp16x2 instructions (triton_w4_dequantize.half2_tile_sums), else in fp32 (word_nibbles)."""
+    """Row sums [ROWS, HALF_N] (even, odd outputs) of one K tile read as int32 words (w_ptr: words [N / 2, K / 4]),
+    multiplied in fp32 (word_nibbles)."""
     HALF_N: tl.constexpr = pairs.shape[0]
     cols = k0 // 4 + tl.arange(0, BLOCK_K // 4)  # word columns: K positions 4c .. 4c + 3
     col_mask = cols < K // 4
@@ -85,25 +83,20 @@ def _word_tile_sums(
         mask=pair_mask[:, None] & col_mask[None, :],
         other=0,
     )
-    if not HALF2:
-        # s * 2**p (p: see triton_w4_dequantize.word_nibbles); the activations below take the 2**-p (exact)
-        low0, low1, low2, low3, high0, high1, high2, high3 = word_nibbles(words, xor_bits)
+    # s * 2**p (p: see triton_w4_dequantize.word_nibbles); the activations below take the 2**-p (exact)
+    low0, low1, low2, low3, high0, high1, high2, high3 = word_nibbles(words, xor_bits)
     rows = tl.arange(0, ROWS)
     sums_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
     sums_odd = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
     for m in tl.static_range(NUM_ROWS):
         x_row = x_ptr + m * stride_xm
         x0, x1, x2, x3 = word_activations(x_row, pre_quant_scale_ptr, cols, col_mask, HAS_PRE_QUANT_SCALE)
-        if HALF2:
-            row_even, row_odd = half2_tile_sums(words, x0, x1, x2, x3)
-        else:
-            even = low0 * x0[None, :] + low1 * (x1 * 0.00390625)[None, :] + low2 * (x2 * 1.52587890625e-05)[None, :]
-            even += low3 * (x3 * 0.000244140625)[None, :]
-            odd = high0 * (x0 * 0.0625)[None, :] + high1 * (x1 * 0.000244140625)[None, :]
-            odd += high2 * (x2 * 0.00390625)[None, :] + high3 * (x3 * 1.52587890625e-05)[None, :]
-            row_even, row_odd = tl.sum(even, axis=1), tl.sum(odd, axis=1)
-        sums_even = put_row(sums_even, row_even, rows, m)
-        sums_odd = put_row(sums_odd, row_odd, rows, m)
+        even = low0 * x0[None, :] + low1 * (x1 * 0.00390625)[None, :] + low2 * (x2 * 1.52587890625e-05)[None, :]
+        even += low3 * (x3 * 0.000244140625)[None, :]
+        odd = high0 * (x0 * 0.0625)[None, :] + high1 * (x1 * 0.000244140625)[None, :]
+        odd += high2 * (x2 * 0.00390625)[None, :] + high3 * (x3 * 1.52587890625e-05)[None, :]
+        sums_even = put_row(sums_even, tl.sum(even, axis=1), rows, m)
+        sums_odd = put_row(sums_odd, tl.sum(odd, axis=1), rows, m)
     return sums_even, sums_odd
 
 
@@ -148,7 +141,7 @@ def _tile_by_tile_sums(
     HAS_PRE_QUANT_SCALE: tl.constexpr, BLOCK_K: tl.constexpr, UNPACK: tl.constexpr,
 ):  # fmt: skip
     """Row sums (even, odd) [ROWS, HALF_N] over K range [k_begin, k_end), each K tile's sums taken across threads
-    before the next tile (the path of every unpack at any row count but half2's one row)."""
+    before the next tile: the words, floats and ints paths (half2 has its own loop, triton_w4a16_half2_rows)."""
     HALF_N: tl.constexpr = pairs.shape[0]
     acc_even = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
     acc_odd = tl.zeros([ROWS, HALF_N], dtype=tl.float32)
@@ -159,10 +152,10 @@ def _tile_by_tile_sums(
             group = k0 // GROUP_SIZE
             s_even = tl.load(scales_ptr + even * stride_sn + group, mask=pair_mask, other=0.0)
             s_odd = tl.load(scales_ptr + (even + 1) * stride_sn + group, mask=pair_mask, other=0.0)
-        if UNPACK == "words" or UNPACK == "half2":
+        if UNPACK == "words":
             sums_even, sums_odd = _word_tile_sums(
                 x_ptr, w_ptr, pre_quant_scale_ptr, pairs, pair_mask, k0, K, stride_xm, stride_wn, xor_bits,
-                NUM_ROWS, ROWS, HAS_PRE_QUANT_SCALE, BLOCK_K, UNPACK == "half2",
+                NUM_ROWS, ROWS, HAS_PRE_QUANT_SCALE, BLOCK_K,
             )  # fmt: skip
         else:
             sums_even, sums_odd = _byte_tile_sums(
